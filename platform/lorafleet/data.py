@@ -1,0 +1,169 @@
+"""Reading task rows (synthetic, JSONL/CSV/Parquet, or a `datasets` hub id), validating them with
+file:line errors, and encoding prompt + target into token ids with the loss on answer tokens only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from lorafleet.tasks import Task, render_prompt
+
+__all__ = ["DataError", "Example", "read_split", "prompt_ids", "target_ids", "encode_rows", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # labels with this value carry no loss (the prompt tokens)
+
+
+class DataError(ValueError):
+    """A data problem, naming the file and line (or row) where it was found."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row plus where it came from, so any later problem can name file and line."""
+
+    row: dict[str, Any]
+    where: str  # "data/train.jsonl:17", "synthetic:train:3", "hf:imdb:train row 5"
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield f"{path}:{lineno}", obj
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for i, obj in enumerate(reader):
+                # line numbers count the header; a row with extra cells has a None key
+                lineno = reader.line_num
+                if None in obj:
+                    raise DataError(f"{path}:{lineno}: more cells than the header has columns")
+                yield f"{path}:{lineno}", obj
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, obj in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i + 1}", obj
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def _iter_hub(spec: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import datasets
+
+    _, _, rest = spec.partition(":")
+    dataset_id, _, hub_split = rest.partition(":")
+    ds = datasets.load_dataset(dataset_id, split=hub_split or split)
+    for i, obj in enumerate(ds):
+        yield f"{spec} row {i + 1}", dict(obj)
+
+
+def read_split(
+    source: str,
+    task: Task,
+    split: str,
+    *,
+    fields: dict[str, str] | None = None,
+    synthetic_n: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Read and validate one split. Raises DataError naming the first bad row's file and line.
+
+    Args:
+        source: 'synthetic', a local .jsonl/.csv/.parquet path, or 'hf:<dataset_id>[:<split>]'.
+        task: the task whose fields the rows must carry.
+        split: 'train', 'validation' or 'test' (picks the synthetic generator's split).
+        fields: task field -> column name mapping for user data.
+    """
+    if source == "synthetic":
+        rows = task.synthetic(split, synthetic_n, seed=seed)
+        items: Iterator[tuple[str, dict[str, Any]]] = (
+            (f"synthetic:{task.name}:{split}:{i}", r) for i, r in enumerate(rows)
+        )
+    elif source.startswith("hf:"):
+        items = _iter_hub(source, split)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{split} data file not found: {path}")
+        items = _iter_file(path)
+
+    mapping = fields or {}
+    out = []
+    for where, raw in items:
+        row = dict(raw)
+        for field, column in mapping.items():
+            if column in raw:
+                row[field] = raw[column]
+        problem = task.validate_row(row)
+        if problem:
+            hint = f" (field mapping: {mapping})" if mapping else ""
+            raise DataError(f"{where}: {problem}{hint}")
+        out.append(Example(row, where))
+    if not out:
+        raise DataError(f"{source}: the {split} split has no rows")
+    return out
+
+
+def prompt_ids(tokenizer, instruction: str) -> list[int]:
+    """Token ids of a prompt under the task's prompt contract (chat template when there is one).
+
+    A rendered chat template already carries the model's BOS if it wants one, so special tokens are
+    only added for plain prompts. Serving tokenizes prompts exactly like this.
+    """
+    text = render_prompt(tokenizer, instruction)
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of a target, EOS appended.
+
+    Prompts end with a newline and the target follows with one leading space: byte-level BPE
+    vocabularies hold words in their space-prefixed form ("Ġshipping"), so " shipping" is one or two
+    tokens where "shipping" would be four rare pieces. Decoded answers are stripped.
+    """
+    return tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode_rows(
+    tokenizer, task: Task, examples: list[Example], max_seq_len: int, *, head_labels: list[str] | None = None
+) -> list[dict[str, list[int]]]:
+    """Encode examples as input_ids + labels (prompt tokens masked with IGNORE_INDEX).
+
+    With `head_labels`, encode for a classification head instead: the prompt only, plus the label's index.
+    An example longer than max_seq_len is an error naming its row, never silently truncated.
+    """
+    eos = tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        if task.name == "text":
+            prompt: list[int] = []
+            target = tokenizer(ex.row["text"], add_special_tokens=False)["input_ids"] + [eos]
+        else:
+            prompt = prompt_ids(tokenizer, task.instruction(ex.row))
+            target = target_ids(tokenizer, task.target(ex.row))
+        if head_labels is not None:
+            ids, labels = prompt, [head_labels.index(task.target(ex.row).strip())]
+        else:
+            ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
+        if len(ids) > max_seq_len:
+            raise DataError(
+                f"{ex.where}: {len(ids)} tokens, over data.max_seq_len={max_seq_len}; "
+                "shorten the row or raise data.max_seq_len"
+            )
+        out.append({"input_ids": ids, "labels": labels})
+    return out

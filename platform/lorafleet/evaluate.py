@@ -1,0 +1,250 @@
+"""Scoring any model on a task split: greedy generation for generative tasks, label log-probabilities
+for classification (so the prediction is always one of the labels, as /v1/classify answers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafleet.base_model import load_model, load_tokenizer
+from lorafleet.data import prompt_ids, target_ids
+from lorafleet.methods import HeadClassifier, last_token_hidden
+from lorafleet.tasks import Task
+
+__all__ = [
+    "generate",
+    "label_probs",
+    "predict",
+    "evaluate_rows",
+    "load_for_eval",
+    "head_predict",
+]
+
+
+def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, width - len(x) :] = torch.tensor(x)
+        mask[i, width - len(x) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
+    """Greedy generation from token-id prompts; returns the decoded continuations."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in gen[:, ids.shape[1] :]:
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+@torch.no_grad()
+def label_probs(
+    model: nn.Module, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 32
+) -> torch.Tensor:
+    """P(label | prompt) for each prompt and label: softmax over the summed log-probabilities of
+    each label's tokens followed by EOS (EOS keeps 'bill' from scoring as a prefix of 'billing')."""
+    model.eval()
+    device = next(model.parameters()).device
+    label_ids = [target_ids(tokenizer, lab) for lab in labels]
+    scores = torch.zeros(len(prompts), len(labels))
+    pairs = [(i, j, p + lab) for i, p in enumerate(prompts) for j, lab in enumerate(label_ids)]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(seq) for _, _, seq in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, (_, _, seq) in enumerate(chunk):
+            ids[k, : len(seq)] = torch.tensor(seq)
+            mask[k, : len(seq)] = 1
+        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for k, (i, j, seq) in enumerate(chunk):
+            n = len(label_ids[j])
+            positions = torch.arange(len(seq) - n - 1, len(seq) - 1)
+            targets = torch.tensor(seq[len(seq) - n :])
+            scores[i, j] = logprobs[k, positions, targets.to(device)].sum().cpu()
+    return torch.softmax(scores, dim=-1)
+
+
+@torch.no_grad()
+def head_predict(model: HeadClassifier, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    """Class probabilities from a classification head on a frozen model."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        out.append(torch.softmax(model(ids.to(device), mask.to(device)).float(), -1).cpu())
+    return torch.cat(out)
+
+
+def predict(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, Any]], labels: list[str] | None = None) -> list[str]:
+    """The model's answer for each row under the task's prompt contract."""
+    prompts = [prompt_ids(tokenizer, task.instruction(r)) for r in rows]
+    if isinstance(model, HeadClassifier):
+        probs = head_predict(model, tokenizer, prompts)
+        return [labels[i] for i in probs.argmax(-1).tolist()]
+    if task.name == "classification":
+        labs = list(labels or task.labels)
+        probs = label_probs(model, tokenizer, prompts, labs)
+        return [labs[i] for i in probs.argmax(-1).tolist()]
+    return generate(model, tokenizer, prompts, task.max_new_tokens)
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+    """Mean next-token loss over `texts` (the 'text' pre-training task's validation metric)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts[start : start + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            labels[i, : len(s)] = torch.tensor(s)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(model(input_ids=ids.to(device), attention_mask=(labels != -100).long().to(device), labels=labels.to(device)).loss) * n
+        count += n
+    return total / max(1, count)
+
+
+def evaluate_rows(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, float]:
+    """All of the task's metrics for `model` on `rows`."""
+    if task.name == "text":
+        return {"loss": lm_loss(model, tokenizer, [r["text"] for r in rows])}
+    return task.score(predict(model, tokenizer, task, rows, labels), rows)
+
+
+@torch.no_grad()
+def mean_pooled_features(model: nn.Module, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    """Frozen-model sentence features: last-token final hidden state (the feature-based baseline)."""
+    model.eval()
+    feats = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        feats.append(last_token_hidden(model, ids, mask).float())
+    return torch.cat(feats)
+
+
+def load_for_eval(artifact: str | Path | None, base: str, dtype: str = "float32") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load the bare base model, a LoRA adapter, a full model folder, or a head, for evaluation.
+
+    Returns (model, tokenizer, info) where info has 'kind' and, for heads, 'labels'.
+    """
+    if artifact is None:
+        return load_model(base, dtype), load_tokenizer(base), {"kind": "base"}
+    artifact = Path(artifact)
+    if (artifact / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(base, dtype), artifact)
+        return model, load_tokenizer(base), {"kind": "lora"}
+    if (artifact / "head.json").exists():
+        from safetensors.torch import load_file
+
+        info = json.loads((artifact / "head.json").read_text())
+        model = HeadClassifier(load_model(base, dtype), len(info["labels"]))
+        model.head.load_state_dict(load_file(artifact / "head.safetensors"))
+        return model, load_tokenizer(base), {"kind": "head", **info}
+    if (artifact / "feature.json").exists():
+        info = json.loads((artifact / "feature.json").read_text())
+        return load_model(base, dtype), load_tokenizer(base), {"kind": "feature", **info}
+    return load_model(str(artifact), dtype), load_tokenizer(str(artifact)), {"kind": "full"}
+
+
+def _feature_predict(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, Any]], artifact: Path, labels: list[str]) -> list[str]:
+    from safetensors.torch import load_file
+
+    from lorafleet.data import prompt_ids
+
+    weights = load_file(artifact / "feature.safetensors")
+    feats = mean_pooled_features(model, tokenizer, [prompt_ids(tokenizer, task.instruction(r)) for r in rows])
+    logits = feats @ weights["coef"].T + weights["intercept"]
+    if logits.shape[1] == 1:  # sklearn stores one column for two classes
+        logits = torch.cat([-logits, logits], dim=1)
+    return [labels[i] for i in logits.argmax(-1).tolist()]
+
+
+def evaluate_artifact(
+    ref: str,
+    *,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    split: str = "test",
+    home: Path | None = None,
+    limit: int | None = None,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Score a registered artifact ('name', 'name@version') or the bare base model ('base') on a split.
+
+    The artifact's own resolved config supplies base model, task and data unless `config` is given.
+    """
+    from lorafleet.config import FinetuneConfig, apply_overrides, default_home, load_config, parse_config
+    from lorafleet.data import read_split
+    from lorafleet.registry import Registry
+    from lorafleet.tasks import get_task
+
+    home = home or default_home()
+    artifact: Path | None = None
+    if ref == "base":
+        if not config:
+            raise ValueError("evaluating 'base' needs --config (for the base model, task and data)")
+        cfg = load_config(config, overrides, home)
+    else:
+        entry = Registry(home / "registry").resolve(ref)
+        Registry(home / "registry").verify(entry)  # never score a tampered or half-copied artifact
+        artifact = entry.path
+        cfg = load_config(config, overrides, home) if config else parse_config(
+            apply_overrides(entry.metadata["config"], overrides or []), f"{entry.ref} metadata", home
+        )
+    task = get_task(cfg.task.name)
+    labels = list(cfg.task.labels or task.labels) or None
+    sizes = cfg.data.synthetic_sizes
+    examples = read_split(getattr(cfg.data, split), task, split, fields=cfg.data.fields,
+                          synthetic_n=sizes.get(split), seed=cfg.data.seed)
+    rows = [ex.row for ex in examples][:limit]
+    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype)
+    if info["kind"] == "feature":
+        metrics = task.score(_feature_predict(model, tokenizer, task, rows, artifact, info["labels"]), rows)
+    else:
+        metrics = evaluate_rows(model, tokenizer, task, rows, info.get("labels") or labels)
+    result = {"artifact": ref, "kind": info["kind"], "task": task.name, "split": split, "rows": len(rows), "metrics": metrics}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,132 @@
+"""Generic instruction following: small algorithmic requests.
+
+Deliberately unlike the four evaluated tasks: its examples go into the pre-training corpus to
+teach the base model the prompt format ("...\\nAnswer:\\n" then a short answer) without
+teaching it any evaluated task.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from lorafleet.tasks.base import Task, check_lengths, normalize_text, token_f1
+
+__all__ = ["InstructionTask", "TASK"]
+
+_WORDS = [
+    "sun", "moon", "lamp", "rock", "star", "milk", "rain", "door", "bell", "kite", "leaf",
+    "road", "ship", "gold", "wind", "frog", "hill", "cake", "rose", "bear", "wolf", "nest",
+    "coin", "desk", "drum", "fork", "hat", "jam", "key", "lion", "map", "nut", "owl", "pen",
+    "ring", "sock", "tent", "vase", "web", "yarn", "box", "cup", "egg", "fan", "gate", "ink",
+    "jar", "lake", "mud", "net", "oak", "pig", "rug", "sand", "toy", "van", "wax", "zebra",
+]
+_OPPOSITES = [
+    ("hot", "cold"), ("up", "down"), ("day", "night"), ("open", "closed"), ("wet", "dry"),
+    ("early", "late"), ("full", "empty"), ("light", "dark"), ("hard", "soft"), ("rich", "poor"),
+    ("left", "right"), ("in", "out"), ("win", "lose"), ("high", "low"), ("thick", "thin"),
+    ("push", "pull"), ("first", "last"), ("loud", "silent"), ("near", "far"), ("buy", "sell"),
+]
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _repeat(rng: random.Random) -> tuple[str, str]:
+    word, times = rng.choice(_WORDS), rng.choice([(2, "twice"), (3, "three times")])
+    return f"Repeat the word {word} {times[1]}.", " ".join([word] * times[0])
+
+
+def _opposite(rng: random.Random) -> tuple[str, str]:
+    pair = rng.choice(_OPPOSITES)
+    if rng.random() < 0.5:
+        pair = (pair[1], pair[0])
+    return f"Give the opposite of {pair[0]}.", pair[1]
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    start = rng.randint(1, 40)
+    stop = start + rng.randint(2, 5)
+    return f"Count from {start} to {stop}.", " ".join(str(i) for i in range(start, stop + 1))
+
+
+def _backwards(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Spell {word} backwards.", word[::-1]
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"Write {word} in capital letters.", word.upper()
+
+
+def _first_letter(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(_WORDS)
+    return f"What is the first letter of {word}?", word[0]
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    return f"Add {a} and {b}.", str(a + b)
+
+
+def _number_word(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 9)
+    return f"Write the number {n} as a word.", _NUMBER_WORDS[n]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, 3)
+    return f"Sort these words: {' '.join(words)}.", " ".join(sorted(words))
+
+
+def _join(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(_WORDS, 2)
+    return f"Join {a} and {b} with a dash.", f"{a}-{b}"
+
+
+_MAKERS: list[Callable[[random.Random], tuple[str, str]]] = [
+    _repeat, _opposite, _count, _backwards, _uppercase, _first_letter, _add, _number_word,
+    _sort, _join,
+]
+
+
+class InstructionTask(Task):
+    """Free-form instructions; metrics: exact_match, token_f1 (case-sensitive tokens).
+
+    Unlike QA, answers are compared case-sensitively and without dropping articles, because
+    "Write cat in capital letters." and "Repeat the word a twice." depend on both.
+    """
+
+    def instruction(self, row: dict[str, Any]) -> str:
+        """The instruction; ends with "Answer:\\n"."""
+        return f"{normalize_text(row['instruction'])}\nAnswer:\n"
+
+    def target(self, row: dict[str, Any]) -> str:
+        """The response."""
+        return normalize_text(row["response"])
+
+    def score(self, predictions: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Mean exact match and whitespace-token F1 (trailing period ignored)."""
+        check_lengths(predictions, rows)
+        if not rows:
+            return {"exact_match": 0.0, "token_f1": 0.0}
+        em = f1 = 0.0
+        for prediction, row in zip(predictions, rows):
+            pred = normalize_text(prediction).rstrip(".")
+            gold = self.target(row).rstrip(".")
+            em += float(pred == gold)
+            f1 += token_f1(pred.split(), gold.split())
+        return {"exact_match": em / len(rows), "token_f1": f1 / len(rows)}
+
+    def make_row(self, rng: random.Random) -> dict[str, Any]:
+        """One request from a random small algorithmic family."""
+        instruction, response = rng.choice(_MAKERS)(rng)
+        return {"instruction": instruction, "response": response}
+
+
+TASK = InstructionTask(
+    name="instruction",
+    fields=("instruction", "response"),
+    primary_metric="token_f1",
+    mode="max",
+    max_new_tokens=24,
+)

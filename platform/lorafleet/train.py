@@ -1,0 +1,300 @@
+"""Ray Train: the per-worker training loop and the TorchTrainer that runs it.
+
+One loop serves full, partial, lora and head: the method only decides what is trainable and what a
+checkpoint holds. Each worker gets its shard from Ray Data; rank 0 evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig
+from ray.train.torch import TorchTrainer
+
+from lorafleet.base_model import load_model, load_tokenizer
+from lorafleet.config import FinetuneConfig, dump_config
+from lorafleet.data import IGNORE_INDEX
+from lorafleet.evaluate import evaluate_rows
+from lorafleet.methods import HeadClassifier, apply_method, count_params
+from lorafleet.tasks import get_task
+
+__all__ = ["build_dataset", "build_trainer", "train_loop_per_worker", "save_artifact", "STATE_FILE"]
+
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"  # inside a checkpoint: the artifact files, exactly what gets registered
+
+
+def build_dataset(encoded: list[dict[str, list[int]]], pad_id: int) -> ray.data.Dataset:
+    """Pad to one width (so rows are fixed-size arrays) and hand them to Ray Data for sharding."""
+    width = max(len(r["input_ids"]) for r in encoded)
+    label_width = max(len(r["labels"]) for r in encoded)
+    rows = []
+    for r in encoded:
+        n = len(r["input_ids"])
+        rows.append(
+            {
+                "input_ids": np.array(r["input_ids"] + [pad_id] * (width - n), dtype=np.int64),
+                "attention_mask": np.array([1] * n + [0] * (width - n), dtype=np.int64),
+                "labels": np.array(r["labels"] + [IGNORE_INDEX] * (label_width - len(r["labels"])), dtype=np.int64),
+            }
+        )
+    return ray.data.from_items(rows)
+
+
+def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    # Trim the padding this batch does not need: most steps then run on short sequences.
+    width = int(batch["attention_mask"].sum(axis=1).max())
+    out = {k: torch.as_tensor(v) for k, v in batch.items()}
+    out["input_ids"] = out["input_ids"][:, :width]
+    out["attention_mask"] = out["attention_mask"][:, :width]
+    if out["labels"].shape[1] > 1:  # causal LM labels align with input_ids; head labels are one index
+        out["labels"] = out["labels"][:, :width]
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_artifact(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, out: Path, labels: list[str] | None) -> None:
+    """Write what gets registered: a peft adapter, a full HF model (+ tokenizer), or a head."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
+    if isinstance(model, HeadClassifier):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+        (out / "head.json").write_text(json.dumps({"labels": labels, "base_model": cfg.model.name_or_path}))
+    elif cfg.method.name == "lora":
+        model.save_pretrained(out, safe_serialization=True)  # adapter weights + adapter_config.json only
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def _load_trainable(model: torch.nn.Module, cfg: FinetuneConfig, ckpt_model: Path) -> None:
+    model = _unwrap(model)
+    from safetensors.torch import load_file
+
+    if isinstance(model, HeadClassifier):
+        model.head.load_state_dict(load_file(ckpt_model / "head.safetensors"))
+    elif cfg.method.name == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ckpt_model / "adapter_model.safetensors"))
+    else:
+        state = {}
+        for f in sorted(ckpt_model.glob("*.safetensors")):
+            state.update(load_file(f))
+        model.load_state_dict(state, strict=False)
+
+
+def _lr_lambda(cfg: FinetuneConfig):
+    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.train.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the model, restore, train, report, checkpoint."""
+    cfg = FinetuneConfig.model_validate(loop_config["config"])
+    task = get_task(cfg.task.name)
+    labels: list[str] | None = loop_config.get("labels")
+    val_rows: list[dict] = loop_config.get("val_rows") or []
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # same initial adapter/head on every rank
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    base = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = apply_method(base, cfg.method, num_labels=len(labels) if labels else None)
+    if cfg.train.grad_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable()
+    trainable, total = count_params(model)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy="fsdp" if cfg.scaling.strategy == "fsdp" else "ddp"
+    )
+    device = ray.train.torch.get_device()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+    # Resume: after a worker failure Ray hands every worker the latest registered checkpoint.
+    step, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _load_trainable(model, cfg, Path(d) / MODEL_DIR)
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = resumed_from = state["step"]
+
+    progress = loop_config.get("progress_queue")
+    log_path = loop_config.get("log_path")
+    metric_key = f"val_{task.primary_metric}"
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu else torch.autocast("cpu", enabled=False)
+    is_head = isinstance(_unwrap(model), HeadClassifier)
+    epoch = 0
+    window_tokens, window_start = 0, time.perf_counter()
+
+    while step < cfg.train.max_steps:
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            collate_fn=_collate,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.train.batch_size * 8,
+            local_shuffle_seed=cfg.train.seed + epoch * 1000 + rank,
+        )
+        micro = 0
+        model.train()
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            with autocast:
+                if is_head:
+                    logits = model(input_ids, mask)
+                    loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 0].to(device))
+                else:
+                    loss = model(input_ids=input_ids, attention_mask=mask, labels=batch["labels"].to(device)).loss
+            (loss / cfg.train.grad_accum).backward()
+            window_tokens += int(mask.sum()) * world
+            micro += 1
+            if micro % cfg.train.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
+            if step % cfg.train.log_every and not is_eval:
+                continue
+            elapsed = time.perf_counter() - window_start
+            n_steps = cfg.train.log_every if step % cfg.train.log_every == 0 else (step % cfg.train.log_every or 1)
+            metrics: dict[str, Any] = {
+                "step": step,
+                "loss": float(loss.detach()),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "step_time_s": elapsed / max(1, n_steps),
+                "epoch": epoch,
+                "trainable_params": trainable,
+                "total_params": total,
+                "resumed_from": resumed_from,
+            }
+            ckpt = None
+            if is_eval:
+                metrics.update(_evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer, scheduler, step, rank))
+                ckpt_dir = metrics.pop("_ckpt_dir", None)
+                ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+            if rank == 0:
+                _log(progress, log_path, metrics)
+            ray.train.report(metrics, checkpoint=ckpt)
+            window_tokens, window_start = 0, time.perf_counter()
+            if step >= cfg.train.max_steps:
+                break
+        epoch += 1
+
+
+def _evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer, scheduler, step, rank) -> dict[str, Any]:
+    # Rank 0 scores the validation rows and writes the checkpoint; the score is broadcast so every
+    # rank reports the same metrics (Ray attaches rank 0's to the checkpoint).
+    out: dict[str, Any] = {}
+    if rank == 0:
+        rows = val_rows[: cfg.train.eval_samples]
+        scores = evaluate_rows(_unwrap(model), tokenizer, task, rows, labels) if rows else {}
+        out.update({f"val_{k}": v for k, v in scores.items()})
+        d = Path(tempfile.mkdtemp(prefix="lorafleet-ckpt-"))
+        save_artifact(model, tokenizer, cfg, d / MODEL_DIR, labels)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+            d / STATE_FILE,
+        )
+        (d / "config.yaml").write_text(dump_config(cfg))
+        out["_ckpt_dir"] = str(d)
+        _unwrap(model).train()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [{k: v for k, v in out.items() if k != "_ckpt_dir"}]
+        dist.broadcast_object_list(holder, src=0)
+        if rank != 0:
+            out = holder[0]
+    return out
+
+
+def _log(progress, log_path: str | None, metrics: dict[str, Any]) -> None:
+    record = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    record["time"] = time.time()
+    if progress is not None:
+        try:
+            progress.put_nowait(record)
+        except Exception:  # a full or gone queue only costs the live display, never the run
+            pass
+    if log_path:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def build_trainer(
+    cfg: FinetuneConfig,
+    dataset: ray.data.Dataset,
+    *,
+    run_name: str,
+    val_rows: list[dict],
+    labels: list[str] | None,
+    progress_queue=None,
+    log_path: str | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for one run; reusing (name, storage_path) resumes that run."""
+    metric_key = f"val_{get_task(cfg.task.name).primary_metric}"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "val_rows": val_rows,
+            "labels": labels,
+            "progress_queue": progress_queue,
+            "log_path": log_path,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        datasets={"train": dataset},
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=cfg.run.storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=metric_key,
+                checkpoint_score_order="max" if get_task(cfg.task.name).mode == "max" else "min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+    )
