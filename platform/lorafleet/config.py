@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 METHODS = ("full", "partial", "lora", "head", "feature")
+_SEP = " || "  # joins cross-field problems inside one ValidationError
 TASKS = ("classification", "summarization", "translation", "qa", "instruction", "text")
 
 
@@ -164,7 +165,7 @@ class FinetuneConfig(_Section):
                 "(bf16 autocast is used automatically on GPU)"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(_SEP.join(problems))
         return self
 
 
@@ -226,7 +227,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/ for the valid keys)"
-        for part in msg.split("; ") if not loc else [msg]:
+        for part in msg.split(_SEP) if not loc else [msg]:
             problems.append(f"{loc}: {part}" if loc else part)
     return problems
 

@@ -46,6 +46,9 @@ class RunSummary:
     wall_time_s: float
     steps: int
     artifact_dir: str | None = None
+    peak_memory_mb: float = 0.0  # rank 0's peak (RSS on CPU, max allocated on GPU)
+    tokens_per_s: float = 0.0  # mean over the logged windows
+    artifact_bytes: int = 0
     registered: str | None = None  # "name@version"
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -92,12 +95,13 @@ def run_dir_config(run_dir: str | Path) -> FinetuneConfig:
     return FinetuneConfig.model_validate(yaml.safe_load(path.read_text()))
 
 
-def _progress_thread(queue, total_steps: int, stop: threading.Event, history: list[dict[str, Any]], metric: str):
+def _drain_progress(queue, total_steps: int, stop: threading.Event, history: list[dict[str, Any]], metric: str, show: bool):
+    """Collect rank 0's step records into `history`; with `show`, draw a live progress bar."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, disable=not show) as bar:
         t = bar.add_task("train", total=total_steps, info="starting workers…")
         last_metric = ""
         while not (stop.is_set() and queue.empty()):
@@ -167,11 +171,10 @@ def finetune(
     history: list[dict[str, Any]] = []
     metric_key = f"val_{task.primary_metric}"
     stop = threading.Event()
-    shower = threading.Thread(
-        target=_progress_thread, args=(queue, cfg.train.max_steps, stop, history, metric_key), daemon=True
-    ) if progress else None
-    if shower:
-        shower.start()
+    drainer = threading.Thread(
+        target=_drain_progress, args=(queue, cfg.train.max_steps, stop, history, metric_key, progress), daemon=True
+    )
+    drainer.start()
     trainer = build_trainer(
         cfg,
         build_dataset(data["train_encoded"], tokenizer.pad_token_id),
@@ -185,8 +188,7 @@ def finetune(
         result = trainer.fit()
     finally:
         stop.set()
-        if shower:
-            shower.join(timeout=5)
+        drainer.join(timeout=5)
     if result.error:
         raise result.error
 
@@ -213,6 +215,9 @@ def finetune(
         wall_time_s=round(time.time() - started, 2),
         steps=int(final.get("step", 0)),
         artifact_dir=str(model_dir),
+        peak_memory_mb=round(float(final.get("peak_memory_mb", 0.0)), 1),
+        tokens_per_s=round(_mean([h["tokens_per_s"] for h in history if "tokens_per_s" in h]), 1),
+        artifact_bytes=sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()),
         history=history,
     )
     # 6. Register (atomically) only a run that finished; a failed run raised above.
@@ -222,6 +227,10 @@ def finetune(
     if run_dir is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
     return summary
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
 
 
 def _metadata(cfg: FinetuneConfig, summary: RunSummary, labels: list[str] | None) -> dict[str, Any]:

@@ -207,6 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "trainable_params": trainable,
                 "total_params": total,
                 "resumed_from": resumed_from,
+                "peak_memory_mb": _peak_memory_mb(device),
             }
             ckpt = None
             if is_eval:
@@ -245,6 +246,15 @@ def _evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, opti
         if rank != 0:
             out = holder[0]
     return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: max allocated on GPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _log(progress, log_path: str | None, metrics: dict[str, Any]) -> None:

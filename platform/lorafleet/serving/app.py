@@ -1,0 +1,473 @@
+"""The Serve application: Ray Serve LLM's vLLM deployment + lorafleet's ingress.
+
+    client ──HTTP──► LorafleetIngress (FastAPI, num_cpus=0)
+                       ├─ /v1/models, /v1/completions, /v1/chat/completions   (Ray's OpenAiIngress)
+                       ├─ /v1/classify /v1/summarize /v1/translate /v1/qa      (task endpoints)
+                       └─ /healthz, /metrics
+                            │  model id "<base>:<name>@<version>" = Serve multiplexed id
+                            ▼
+                     LLMServer (ray.serve.llm) ── vLLM engine, enable_lora
+                            └─ RegistryLoraLoader: registry version -> verified local copy
+
+What is Ray's: the LLMServer deployment, the vLLM engine wiring, multiplexed adapter routing with
+its per-replica LRU, the OpenAI routes (request/response models, streaming). What is ours: the
+ingress subclass that maps registry names to exact versions (live-alias following), the task
+endpoints, auth, errors, metrics, and the registry loader (adapters.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException, RequestValidationError
+from starlette.responses import JSONResponse, Response
+
+from lorafleet.registry import RegistryError
+from lorafleet.serving.adapters import (
+    BASE_ALIASES,
+    REGISTRY_ROOT_KEY,
+    AdapterCatalog,
+    RegistryLoraLoader,
+)
+from lorafleet.serving.metrics import CONTENT_TYPE_LATEST, RequestMetrics
+from lorafleet.serving.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorBody,
+    ErrorResponse,
+    HealthResponse,
+    QARequest,
+    QAResponse,
+    ServingError,
+    Source,
+    SummarizeRequest,
+    SummarizeResponse,
+    TranslateRequest,
+    TranslateResponse,
+)
+from lorafleet.serving.settings import ServeSettings, load_settings
+
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse as RayErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIHTTPException,
+)
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
+
+__all__ = ["build_app", "LorafleetIngress", "make_fastapi_app", "llm_config_from"]
+
+OPEN_PATHS = ("/healthz",)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in {
+        401: "missing or invalid API key", 404: "unknown adapter (lists the available ones)",
+        409: "adapter files do not match their registered sha256", 413: "text over the token limit",
+        422: "invalid request (field errors)",
+    }.items()
+}
+
+
+def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=body).model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------
+# The FastAPI app: error shapes and auth (added before Serve wraps the ingress class).
+# --------------------------------------------------------------------------------------------
+
+
+def make_fastapi_app(api_keys: list[str]) -> FastAPI:
+    """FastAPI app with OpenAI-shaped errors, 422 field errors, and optional bearer-key auth."""
+    app = FastAPI(
+        title="lorafleet serving",
+        description="Task endpoints and an OpenAI-compatible API over one base model and many LoRA adapters.",
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        where = "; ".join(f"{'.'.join(str(x) for x in f['loc'])}: {f['msg']}" for f in fields)
+        return _error(422, ErrorBody(message=f"invalid request: {where}", type="invalid_request_error",
+                                     code=422, fields=fields))
+
+    @app.exception_handler(ServingError)
+    async def _serving(request: Request, exc: ServingError) -> JSONResponse:
+        return _error(exc.status, exc.body)
+
+    @app.exception_handler(OpenAIHTTPException)
+    async def _openai(request: Request, exc: OpenAIHTTPException) -> JSONResponse:
+        return _error(exc.status_code, ErrorBody(message=exc.message, type=exc.type or "invalid_request_error",
+                                                 code=exc.status_code))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, ErrorBody(message=str(exc.detail), type="invalid_request_error",
+                                                 code=exc.status_code))
+
+    keys = [k.encode() for k in api_keys]
+    if keys:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.url.path not in OPEN_PATHS:
+                header = request.headers.get("authorization", "")
+                scheme, _, token = header.partition(" ")
+                # compare_digest against every key: no early exit that leaks which prefix matched.
+                ok = scheme.lower() == "bearer" and any(
+                    [hmac.compare_digest(token.strip().encode(), k) for k in keys]
+                )
+                if not ok:
+                    msg = ("missing API key: send 'Authorization: Bearer <key>'" if not header
+                           else "invalid API key")
+                    return _error(401, ErrorBody(message=msg, type="authentication_error", code=401),
+                                  headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# The ingress.
+# --------------------------------------------------------------------------------------------
+
+
+class LorafleetIngress(OpenAiIngress):
+    """Ray Serve LLM's OpenAI ingress, plus registry names, task endpoints, health and metrics."""
+
+    def __init__(self, llm_deployments: dict, model_cards: dict, *, lora_paths: dict | None = None,
+                 settings: dict[str, Any]) -> None:
+        # lora_paths stays empty: adapters come from the registry, not an object-store prefix.
+        super().__init__(llm_deployments, model_cards, lora_paths={})
+        from lorafleet.base_model import load_tokenizer
+        from lorafleet.tasks import get_task
+
+        self.settings = ServeSettings.model_validate(settings)
+        self.base_id = self.settings.model_id
+        self.catalog = AdapterCatalog(self.settings.registry_root(), self.base_id, self.settings.max_lora_rank)
+        self.tokenizer = load_tokenizer(self.settings.base_model_path())
+        self.tasks = {name: get_task(name) for name in ("classification", "summarization", "translation", "qa")}
+        self.metrics = RequestMetrics()
+        self._collections: dict[str, tuple[float, Any]] = {}
+
+    # ----- model names -----------------------------------------------------------------------
+
+    def _route(self, model: str | None, task: str | None = None) -> tuple[str, str, Any]:
+        """Client model/adapter name -> (multiplexed model id, 'name@version' or 'base', Entry|None)."""
+        if model is None or model == self.base_id or model in BASE_ALIASES:
+            return self.base_id, "base", None
+        entry = self.catalog.resolve(model, task=task)
+        return self.catalog.model_id(entry), entry.ref, entry
+
+    def _cap(self, value: int | None) -> int:
+        return self.settings.max_tokens if value is None else min(value, self.settings.max_tokens)
+
+    async def model(self, model_id: str) -> ModelCard | None:
+        if model_id in self._model_cards:
+            return self._model_cards[model_id]
+        try:
+            entry = self.catalog.resolve(model_id)
+        except ServingError:
+            return None
+        base = self._model_cards[self.base_id]
+        return ModelCard(
+            id=model_id, object="model", owned_by="lorafleet", permission=list(base.permission),
+            metadata={"ref": entry.ref, "version": entry.version, "aliases": list(entry.aliases),
+                      "task": entry.metadata.get("task"), "labels": entry.metadata.get("labels"),
+                      "base_model_id": self.base_id},
+        )
+
+    async def models(self) -> ModelList:
+        """The base model and every registered LoRA adapter (by name = its live version)."""
+        cards = [self._model_cards[self.base_id]]
+        for name in self.catalog.available():
+            card = await self.model(name)
+            if card is not None:
+                cards.append(card)
+        return ModelList(data=cards)
+
+    # ----- OpenAI routes: same as Ray's, with registry names and capped max_tokens -------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        with self.metrics.timed("completions") as info:
+            body.model, info["adapter"], _ = self._route(body.model)
+            body.max_tokens = self._cap(body.max_tokens)
+            return await self._guard(super().completions(body, request))
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        with self.metrics.timed("chat") as info:
+            body.model, info["adapter"], _ = self._route(body.model)
+            if body.max_completion_tokens is not None:
+                body.max_completion_tokens = self._cap(body.max_completion_tokens)
+            else:
+                body.max_tokens = self._cap(body.max_tokens)
+            return await self._guard(super().chat(body, request))
+
+    async def _guard(self, awaitable):
+        """Engine-side failures the client can act on get their status instead of a 500."""
+        try:
+            return await awaitable
+        except RegistryError as exc:  # raised in the replica (e.g. sha256 mismatch), re-raised here
+            cause = getattr(exc, "cause", exc)
+            raise ServingError(409, str(cause), type="adapter_integrity_error") from None
+
+    # ----- the engine, for task endpoints ----------------------------------------------------
+
+    async def _complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any):
+        request = CompletionRequest(model=model_id, prompt=prompts if len(prompts) > 1 else prompts[0],
+                                    temperature=0.0, **kwargs)
+
+        async def first():
+            gen = self._get_response(body=request, call_method="completions")
+            try:
+                return await gen.__anext__()
+            finally:
+                await gen.aclose()
+
+        response = await self._guard(first())
+        if isinstance(response, RayErrorResponse):
+            raise ServingError(response.error.code, response.error.message, type=response.error.type)
+        return response
+
+    def _fit(self, prompt: list[int], extra: int, field: str = "text") -> None:
+        limit = self.settings.max_model_len
+        if len(prompt) + extra > limit:
+            raise ServingError(
+                413, f"{field} is {len(prompt)} prompt tokens (+{extra} for the answer); the model's "
+                f"limit is {limit} tokens in all: shorten the {field}", type="request_too_large", param=field,
+            )
+
+    async def _generate(self, task: str, row: dict[str, Any], adapter: str | None, max_tokens: int | None,
+                        endpoint: str) -> tuple[str, str]:
+        from lorafleet.data import prompt_ids
+
+        with self.metrics.timed(endpoint) as info:
+            model_id, ref, _ = self._route(adapter or self._default_adapter(task), task)
+            info["adapter"] = ref
+            spec = self.tasks[task]
+            budget = self._cap(max_tokens or spec.max_new_tokens)
+            prompt = prompt_ids(self.tokenizer, spec.instruction(row))
+            self._fit(prompt, budget)
+            response = await self._complete(model_id, [prompt], max_tokens=budget)
+            return response.choices[0].text.strip(), ref
+
+    def _default_adapter(self, task: str) -> str:
+        ref = self.settings.tasks.get(task)
+        if ref is None:
+            available = self.catalog.available()
+            raise ServingError(
+                422, f"no adapter is configured for task {task!r}: pass 'adapter' (one of {available}, or "
+                f"'base') or map the task in the serve config", param="adapter", available=available,
+            )
+        return ref
+
+    # ----- task endpoints --------------------------------------------------------------------
+
+    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
+        """The adapter's label probabilities: softmax over each label's summed token log-probs + EOS
+        given the prompt (the same quantity as ``lorafleet.evaluate.label_probs``)."""
+        from lorafleet.data import prompt_ids
+
+        with self.metrics.timed("classify") as info:
+            spec = self.tasks["classification"]
+            model_id, ref, entry = self._route(body.adapter or self._default_adapter("classification"),
+                                               "classification")
+            info["adapter"] = ref
+            known = list((entry.metadata.get("labels") if entry else None) or spec.labels)
+            labels = known
+            if body.labels is not None:
+                unknown = [lab for lab in body.labels if lab not in known]
+                if unknown:
+                    raise ServingError(422, f"labels {unknown} are not labels of {ref}; its labels: {known}",
+                                       param="labels", available=known)
+                labels = list(dict.fromkeys(body.labels))
+            prompt = prompt_ids(self.tokenizer, spec.instruction({"text": body.text}))
+            eos = self.tokenizer.eos_token_id
+            label_ids = [self.tokenizer(lab, add_special_tokens=False)["input_ids"] + [eos] for lab in labels]
+            self._fit(prompt, max(len(x) for x in label_ids))
+            seqs = [prompt + ids for ids in label_ids]
+            response = await self._complete(model_id, seqs, max_tokens=1, prompt_logprobs=0)
+            choices = sorted(response.choices, key=lambda c: c.index)
+            logps = [_sequence_logprob(c.prompt_logprobs, seq, len(prompt)) for c, seq in zip(choices, seqs)]
+            top = max(logps)
+            weights = [math.exp(x - top) for x in logps]
+            total = sum(weights)
+            scores = {lab: w / total for lab, w in zip(labels, weights)}
+            return ClassifyResponse(label=max(scores, key=scores.get), scores=scores, adapter=ref)
+
+    async def summarize(self, body: SummarizeRequest) -> SummarizeResponse:
+        """A one-line summary from the summarization adapter (greedy)."""
+        text, ref = await self._generate("summarization", {"text": body.text}, body.adapter, body.max_tokens,
+                                         "summarize")
+        return SummarizeResponse(summary=text, adapter=ref)
+
+    async def translate(self, body: TranslateRequest) -> TranslateResponse:
+        """English -> Zilan with the translation adapter (the only pair the task defines)."""
+        for field, value, expected in (("source_lang", body.source_lang, "english"),
+                                       ("target_lang", body.target_lang, "zilan")):
+            if value is not None and value.strip().lower() not in (expected, expected[:2]):
+                raise ServingError(422, f"{field}={value!r} is not supported: the translation task translates "
+                                   "English to Zilan", param=field, available=[expected.capitalize()])
+        text, ref = await self._generate("translation", {"text": body.text}, body.adapter, body.max_tokens,
+                                         "translate")
+        return TranslateResponse(translation=text, adapter=ref)
+
+    async def qa(self, body: QARequest) -> QAResponse:
+        """Extractive QA over the given context, or over the top-k passages of a RAG collection."""
+        sources: list[Source] = []
+        context = body.context or ""
+        if body.collection:
+            passages = await self._retrieve(body.collection, body.question, body.top_k or self.settings.rag.top_k)
+            passages = self._fit_passages(body.question, context, passages)
+            sources = [Source(id=p.id, score=p.score, text=p.text) for p in passages]
+            context = " ".join([context, *[p.text for p in passages]]).strip()
+        answer, ref = await self._generate("qa", {"question": body.question, "context": context}, body.adapter,
+                                           body.max_tokens, "qa")
+        return QAResponse(answer=answer, sources=sources, adapter=ref)
+
+    def _fit_passages(self, question: str, context: str, passages: list) -> list:
+        """Drop the lowest-ranked passages until the prompt fits the context window."""
+        from lorafleet.data import prompt_ids
+
+        spec = self.tasks["qa"]
+        keep = list(passages)
+        while len(keep) > 1:
+            row = {"question": question, "context": " ".join([context, *[p.text for p in keep]])}
+            if len(prompt_ids(self.tokenizer, spec.instruction(row))) + spec.max_new_tokens <= self.settings.max_model_len:
+                break
+            keep.pop()
+        return keep
+
+    async def _retrieve(self, name: str, question: str, k: int) -> list:
+        from lorafleet.serving.rag import Collection, list_collections
+
+        root = self.settings.rag_root()
+        path = root / name
+        try:
+            stamp = (path / "collection.json").stat().st_mtime
+        except (OSError, ValueError):
+            stamp = None
+        cached = self._collections.get(name)
+        if stamp is None:
+            raise ServingError(404, f"collection {name!r} not found; available: {list_collections(root)} "
+                               "(build one with `lorafleet rag index DIR --collection NAME`)",
+                               type="not_found_error", param="collection", available=list_collections(root))
+        if cached is None or cached[0] != stamp:
+            try:
+                collection = await asyncio.to_thread(Collection, root, name)
+            except (FileNotFoundError, ValueError):
+                raise ServingError(404, f"collection {name!r} not found", param="collection",
+                                   available=list_collections(root)) from None
+            self._collections[name] = cached = (stamp, collection)
+        return await asyncio.to_thread(cached[1].search, question, k)
+
+    # ----- operations ------------------------------------------------------------------------
+
+    async def healthz(self) -> HealthResponse:
+        return HealthResponse(status="ok", model=self.base_id)
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _sequence_logprob(prompt_logprobs: list | None, seq: list[int], start: int) -> float:
+    """Sum of log P(seq[i] | seq[:i]) for i >= start, read from vLLM's prompt_logprobs."""
+    if prompt_logprobs is None:
+        raise ServingError(502, "the engine returned no prompt logprobs", type="engine_error")
+    total = 0.0
+    for pos in range(start, len(seq)):
+        entry = prompt_logprobs[pos]
+        lp = entry.get(seq[pos], entry.get(str(seq[pos])))
+        total += lp["logprob"] if isinstance(lp, dict) else lp.logprob
+    return total
+
+
+ENDPOINTS = {
+    "models": lambda app: app.get("/v1/models", response_model=ModelList),
+    "model_data": lambda app: app.get("/v1/models/{model:path}", response_model=ModelCard),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "classify": lambda app: app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS),
+    "summarize": lambda app: app.post("/v1/summarize", response_model=SummarizeResponse, responses=_ERRORS),
+    "translate": lambda app: app.post("/v1/translate", response_model=TranslateResponse, responses=_ERRORS),
+    "qa": lambda app: app.post("/v1/qa", response_model=QAResponse, responses=_ERRORS),
+    "healthz": lambda app: app.get("/healthz", response_model=HealthResponse),
+    "metrics_text": lambda app: app.get("/metrics", response_class=Response),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Building the application.
+# --------------------------------------------------------------------------------------------
+
+
+def llm_config_from(settings: ServeSettings):
+    """Ray Serve LLM's LLMConfig for the base model, LoRA enabled, adapters from the registry."""
+    from ray.serve.llm import LLMConfig
+
+    cpu = settings.accelerator == "cpu"
+    engine_kwargs: dict[str, Any] = {
+        "enable_lora": True,
+        "max_loras": settings.max_loras,
+        "max_lora_rank": settings.max_lora_rank,
+        "max_model_len": settings.max_model_len,
+        "dtype": settings.dtype,
+        **({"max_cpu_loras": settings.max_cpu_loras} if settings.max_cpu_loras else {}),
+        **({"enforce_eager": True} if cpu else {}),
+        **settings.engine_kwargs,
+    }
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)} if cpu else {}
+    return LLMConfig(
+        model_loading_config={"model_id": settings.model_id, "model_source": settings.base_model_path()},
+        engine_kwargs=engine_kwargs,
+        # dynamic_lora_loading_path stays unset: RegistryLoraLoader reads the registry instead.
+        lora_config={"max_num_adapters_per_replica": settings.max_loras},
+        deployment_config={"num_replicas": settings.num_replicas},
+        experimental_configs={REGISTRY_ROOT_KEY: str(settings.registry_root())},
+        runtime_env={"env_vars": env},
+        **({"accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 1}]}}
+           if cpu else {}),
+    )
+
+
+def build_app(args: dict[str, Any] | ServeSettings | str | Path | None = None):
+    """Ray Serve application builder (``serve run serve/config.yaml`` calls it with ``args``).
+
+    Args:
+        args: ServeSettings, its dict form (the config's ``args``), or a config file path.
+    """
+    from ray.serve.llm import build_llm_deployment
+
+    if isinstance(args, ServeSettings):
+        settings = args
+    else:
+        settings = load_settings(args or {})
+    # Replicas run elsewhere (other cwd, maybe other env): pin the home as an absolute path now.
+    settings = settings.model_copy(update={"home": str(settings.home_path())})
+    base = Path(settings.base_model_path())
+    if not (base / "config.json").is_file():
+        raise ValueError(f"base model {base} not found; build it with `lorafleet base build` or fix base_model")
+    llm_config = llm_config_from(settings)
+    server = build_llm_deployment(llm_config, bind_kwargs={"model_downloader": RegistryLoraLoader})
+    ingress_cls = make_fastapi_ingress(LorafleetIngress, endpoint_map=ENDPOINTS,
+                                       app=make_fastapi_app(settings.resolved_api_keys()))
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    return serve.deployment(
+        ingress_cls, name="LorafleetIngress", num_replicas=1, max_ongoing_requests=1000,
+        # The ingress does no heavy work; on a small machine it must not wait for a CPU.
+        ray_actor_options={"num_cpus": 0},
+    ).bind(
+        llm_deployments={settings.model_id: server},
+        model_cards={settings.model_id: to_model_metadata(settings.model_id, llm_config)},
+        settings=settings.model_dump(mode="json"),
+    )

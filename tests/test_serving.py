@@ -1,0 +1,374 @@
+"""End-to-end serving: one Serve app (real Ray Serve LLM + vLLM CPU engine) per module.
+
+Adapters are random peft LoRA adapters registered in a temporary registry (training real ones
+would add minutes; the serving contract is about exact equality with transformers+peft, which a
+random adapter checks at least as sharply). Every answer is compared with transformers+peft
+greedy in fp32, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("vllm")
+
+API_KEY = "test-key-123"
+MAX_NEW = 12
+TEXTS = [
+    "my package has not arrived",
+    "I forgot my password and cannot log in",
+    "the app crashes when I open the settings page",
+    "I was charged twice for my invoice",
+]
+
+
+def _free_port() -> int:
+    for _ in range(200):
+        port = random.randint(18000, 18999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 18000-18999")
+
+
+def _base_model(home: Path) -> Path:
+    """The tiny base model: copied from $LORAFLEET_HOME (make builds it), else a random one."""
+    src = Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")) / "models" / "tiny"
+    dst = home / "models" / "tiny"
+    if (src / "config.json").is_file():
+        shutil.copytree(src, dst)
+    else:  # pragma: no cover - outside make
+        from lorafleet.pretrain import build_base
+
+        build_base(dst, steps=0)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Registry with two adapters (two tasks), the Serve app on local Ray, and reference answers."""
+    import ray
+    from ray import serve
+
+    from lorafleet.base_model import load_tokenizer
+    from lorafleet.data import prompt_ids
+    from lorafleet.registry import Registry
+    from lorafleet.serving.app import build_app
+    from lorafleet.serving.testing import register_random_adapter
+
+    home = tmp_path_factory.mktemp("home")
+    base = _base_model(home)
+    reg = Registry(home / "registry")
+    work = tmp_path_factory.mktemp("adapters")
+    a = register_random_adapter(reg, "tickets-lora", base, work, seed=1, task="classification")
+    b = register_random_adapter(reg, "notes-lora", base, work, seed=2, task="summarization")
+
+    # A short temp dir: Ray's socket paths must stay under 107 characters.
+    ray_tmp = Path("/tmp") / f"lfs-{os.getpid()}"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=str(ray_tmp),
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = {
+            "home": str(home), "model_id": "tiny", "base_model": "${home}/models/tiny",
+            "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
+            "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY],
+        }
+        started = time.time()
+        serve.run(build_app(settings), name="lorafleet", route_prefix="/")
+        print(f"serve.run ready in {time.time() - started:.1f} s")
+        tok = load_tokenizer(str(base))
+        prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: {t}\nLabel:\n") for t in TEXTS]
+        yield {
+            "url": f"http://127.0.0.1:{port}", "home": home, "base": base, "registry": reg,
+            "adapters": {"tickets-lora": a, "notes-lora": b}, "tok": tok, "prompts": prompts, "work": work,
+        }
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(stack):
+    """transformers+peft greedy token ids, fp32: {None (base) | adapter name: [ids per prompt]}."""
+    from lorafleet.serving.testing import reference_greedy
+
+    out = {None: reference_greedy(stack["base"], None, stack["prompts"], MAX_NEW)}
+    for name, entry in stack["adapters"].items():
+        out[name] = reference_greedy(stack["base"], entry.path, stack["prompts"], MAX_NEW)
+    assert out["tickets-lora"] != out[None] and out["notes-lora"] != out[None]  # adapters matter
+    return out
+
+
+def _client(stack, key: str | None = API_KEY) -> "httpx.Client":
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=stack["url"], headers=headers, timeout=120)
+
+
+def _complete(client, model: str, prompt: list[int], max_tokens: int = MAX_NEW) -> dict:
+    r = client.post("/v1/completions", json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "return_token_ids": True,
+    })
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _ids(body: dict, eos: int) -> list[int]:
+    return [t for t in body["choices"][0]["token_ids"] if t != eos]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_healthz_open_and_models_listed(stack):
+    with _client(stack, key=None) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "model": "tiny"}
+    with _client(stack) as c:
+        ids = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    assert {"tiny", "tickets-lora", "notes-lora"} <= set(ids)
+    assert ids["tickets-lora"]["metadata"]["ref"] == "tickets-lora@1"
+
+
+def test_completions_equal_transformers_peft_in_one_mixed_batch(stack, reference):
+    """Base and adapter requests sent together (so they share engine steps) each equal
+    transformers+peft. Without the lorafleet vLLM plugin, the base answers come out with an
+    adapter applied (the CPU punica -1 bug)."""
+    eos = stack["tok"].eos_token_id
+    jobs = [(model, i) for i in range(len(stack["prompts"])) for model in ("tiny", "tickets-lora", "notes-lora")]
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job):
+        model, i = job
+        with _client(stack) as c:
+            barrier.wait()
+            return _complete(c, model, stack["prompts"][i])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (model, i), body in zip(jobs, results):
+        want = reference[None if model == "tiny" else model][i]
+        assert _ids(body, eos) == want, (model, i)
+
+
+def test_64_concurrent_requests_over_two_adapters_and_base(stack, reference):
+    eos = stack["tok"].eos_token_id
+    models = ["tiny", "tickets-lora", "notes-lora"]
+    jobs = [(models[k % 3], k % len(stack["prompts"])) for k in range(64)]
+
+    def run(job):
+        model, i = job
+        with _client(stack) as c:
+            return _complete(c, model, stack["prompts"][i])
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(run, jobs))
+    for (model, i), body in zip(jobs, results):
+        assert _ids(body, eos) == reference[None if model == "tiny" else model][i], (model, i)
+
+
+def test_openai_client_completions_chat_streaming(stack, reference):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=stack["url"] + "/v1", api_key=API_KEY)
+    tok = stack["tok"]
+    models = [m.id for m in client.models.list().data]
+    assert "tickets-lora" in models
+
+    want = tok.decode(reference["tickets-lora"][0], skip_special_tokens=True)
+    prompt_text = tok.decode(stack["prompts"][0])
+    # Same prompt as text: the chat template already holds BOS, so the ids round-trip.
+    assert tok(prompt_text, add_special_tokens=False)["input_ids"] == stack["prompts"][0]
+    done = client.completions.create(model="tickets-lora", prompt=stack["prompts"][0], max_tokens=MAX_NEW,
+                                     temperature=0)
+    assert done.choices[0].text == want
+    assert done.model == "tiny:tickets-lora@1"
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="tickets-lora", prompt=stack["prompts"][0], max_tokens=MAX_NEW, temperature=0, stream=True)
+        if ch.choices)
+    assert streamed == want
+
+    # Chat: the server applies the same chat template the task prompt contract uses.
+    instruction = f"Classify the support ticket.\nTicket: {TEXTS[0]}\nLabel:\n"
+    chat = client.chat.completions.create(model="tickets-lora", messages=[{"role": "user", "content": instruction}],
+                                          max_tokens=MAX_NEW, temperature=0)
+    assert chat.choices[0].message.content == want
+    pieces = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="tickets-lora", messages=[{"role": "user", "content": instruction}], max_tokens=MAX_NEW,
+        temperature=0, stream=True) if ch.choices]
+    assert "".join(pieces) == want and len([p for p in pieces if p]) > 1
+
+
+def test_classify_matches_label_probs(stack):
+    import torch
+    from peft import PeftModel
+
+    from lorafleet.base_model import load_model
+    from lorafleet.data import prompt_ids
+    from lorafleet.evaluate import label_probs
+    from lorafleet.tasks import get_task
+
+    task = get_task("classification")
+    with _client(stack) as c:
+        r = c.post("/v1/classify", json={"text": TEXTS[1]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        sub = c.post("/v1/classify", json={"text": TEXTS[1], "labels": ["billing", "account"]}).json()
+    assert body["adapter"] == "tickets-lora@1"
+    assert body["label"] in task.labels and set(body["scores"]) == set(task.labels)
+    assert abs(sum(body["scores"].values()) - 1) < 1e-6
+    model = PeftModel.from_pretrained(load_model(str(stack["base"]), "float32"),
+                                      str(stack["adapters"]["tickets-lora"].path))
+    tok = stack["tok"]
+    probs = label_probs(model, tok, [prompt_ids(tok, task.instruction({"text": TEXTS[1]}))], list(task.labels))[0]
+    for j, lab in enumerate(task.labels):  # fp32 both sides; summed log-probs over ~3 tokens
+        assert body["scores"][lab] == pytest.approx(float(probs[j]), abs=1e-4)
+    assert set(sub["scores"]) == {"billing", "account"} and sub["label"] in ("billing", "account")
+    torch.testing.assert_close(sum(sub["scores"].values()), 1.0)
+
+
+def test_generation_endpoints_and_rag(stack, tmp_path):
+    from lorafleet.serving.rag import index_folder
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "returns.txt").write_text("Returns are accepted within 30 days of delivery.\n\nRefunds take 5 days.")
+    (docs / "shipping.md").write_text("Parcels ship from Lyon. Delivery takes 3 days in France.")
+    index_folder(docs, "handbook", stack["home"] / "rag")
+    with _client(stack) as c:
+        s = c.post("/v1/summarize", json={"text": "we agreed to ship on friday. anna owns the release."})
+        assert s.status_code == 200 and s.json()["adapter"] == "notes-lora@1", s.text
+        t = c.post("/v1/translate", json={"text": "the cat sleeps", "adapter": "notes-lora@1"})
+        # notes-lora is registered for summarization: the endpoint refuses it and names the fix.
+        assert t.status_code == 422 and "summarization" in t.json()["error"]["message"]
+        t = c.post("/v1/translate", json={"text": "the cat sleeps", "adapter": "base", "source_lang": "English"})
+        assert t.status_code == 200 and isinstance(t.json()["translation"], str), t.text
+        q = c.post("/v1/qa", json={"question": "Where do parcels ship from?", "context": "Parcels ship from Lyon.",
+                                   "adapter": "base"})
+        assert q.status_code == 200 and q.json()["sources"] == [], q.text
+        rag = c.post("/v1/qa", json={"question": "Where do parcels ship from?", "collection": "handbook",
+                                     "adapter": "base", "top_k": 2})
+        assert rag.status_code == 200, rag.text
+        sources = rag.json()["sources"]
+        assert len(sources) == 2 and sources[0]["id"] == "shipping.md#0"
+        missing = c.post("/v1/qa", json={"question": "x?", "collection": "nope", "adapter": "base"})
+        assert missing.status_code == 404 and "handbook" in missing.json()["error"]["available"]
+
+
+def test_bad_inputs_get_their_status_codes(stack):
+    with _client(stack, key=None) as anon:
+        assert anon.post("/v1/classify", json={"text": "hi"}).status_code == 401
+        assert anon.get("/v1/models").status_code == 401
+    with _client(stack, key="wrong") as bad:
+        assert bad.post("/v1/completions", json={"model": "tiny", "prompt": "hi"}).status_code == 401
+    with _client(stack) as c:
+        r = c.post("/v1/classify", json={"txt": "hi"})
+        assert r.status_code == 422 and any(f["loc"][-1] in ("text", "txt") for f in r.json()["error"]["fields"])
+        assert c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        assert c.post("/v1/qa", json={"question": "why?"}).status_code == 422  # no context, no collection
+        r = c.post("/v1/classify", json={"text": "hi", "adapter": "nope-lora"})
+        assert r.status_code == 404 and set(r.json()["error"]["available"]) >= {"tickets-lora", "notes-lora"}
+        r = c.post("/v1/completions", json={"model": "nope-lora", "prompt": "hi"})
+        assert r.status_code == 404 and "tickets-lora" in r.json()["error"]["message"]
+        assert c.post("/v1/classify", json={"text": "hi", "adapter": "tickets-lora@9"}).status_code == 404
+        for evil in ("../../etc/passwd", "/etc/passwd", "tickets-lora/../x", "tiny:../x"):
+            r = c.post("/v1/classify", json={"text": "hi", "adapter": evil})
+            assert r.status_code in (404, 422), (evil, r.status_code)
+            r = c.post("/v1/completions", json={"model": evil, "prompt": "hi"})
+            assert r.status_code in (404, 422), (evil, r.status_code)
+        r = c.post("/v1/classify", json={"text": "word " * 600})
+        assert r.status_code == 413 and "512" in r.json()["error"]["message"]
+        r = c.post("/v1/classify", json={"text": "hi", "labels": ["weather"]})
+        assert r.status_code == 422 and "billing" in r.json()["error"]["available"]
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 100000,
+                                            "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 64  # capped by max_tokens
+        metrics = c.get("/metrics").text
+    assert 'lorafleet_requests_total{adapter="tickets-lora@1",endpoint="classify",status="200"}' in metrics \
+        or 'adapter="tickets-lora@1"' in metrics
+    assert "lorafleet_request_latency_seconds_bucket" in metrics
+
+
+def test_tampered_adapter_is_not_served(stack):
+    from lorafleet.serving.testing import make_lora_adapter
+
+    reg = stack["registry"]
+    src = make_lora_adapter(stack["base"], stack["work"] / "tampered", seed=7)
+    entry = reg.register("tampered-lora", src, {"task": "classification", "method": "lora", "labels": []})
+    weights = entry.path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with _client(stack) as c:
+        r = c.post("/v1/completions", json={"model": "tampered-lora", "prompt": [5, 6], "max_tokens": 2})
+    assert r.status_code == 409 and "sha256" in r.json()["error"]["message"], r.text
+
+
+def test_promotion_while_requests_run(stack):
+    """Each response comes from exactly one version; requests after promotion use the new one."""
+    from lorafleet.serving.testing import make_lora_adapter, reference_greedy
+
+    reg = stack["registry"]
+    eos = stack["tok"].eos_token_id
+    prompt = stack["prompts"][2]
+    src = make_lora_adapter(stack["base"], stack["work"] / "v2", seed=11)
+    v2 = reg.register("tickets-lora", src, {"task": "classification", "method": "lora",
+                                            "labels": ["billing", "technical", "account", "shipping"]})
+    assert v2.version == "2" and reg.resolve("tickets-lora").version == "1"  # not live yet
+    want = {
+        "tiny:tickets-lora@1": reference_greedy(stack["base"], stack["adapters"]["tickets-lora"].path, [prompt], MAX_NEW)[0],
+        "tiny:tickets-lora@2": reference_greedy(stack["base"], v2.path, [prompt], MAX_NEW)[0],
+    }
+    assert want["tiny:tickets-lora@1"] != want["tiny:tickets-lora@2"]
+    stop = threading.Event()
+    seen: list[tuple[str, list[int]]] = []
+
+    def hammer():
+        with _client(stack) as c:
+            while not stop.is_set():
+                body = _complete(c, "tickets-lora", prompt)
+                seen.append((body["model"], _ids(body, eos)))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    reg.promote("tickets-lora", "2")
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert {m for m, _ in seen} == set(want), {m for m, _ in seen}
+    for model, ids in seen:
+        assert ids == want[model], model
+    with _client(stack) as c:
+        after = _complete(c, "tickets-lora", prompt)
+    assert after["model"] == "tiny:tickets-lora@2" and _ids(after, eos) == want["tiny:tickets-lora@2"]
+    reg.promote("tickets-lora", "1")  # leave the module's state as other tests expect
+
+
+def test_openapi_schema_has_task_models(stack):
+    with _client(stack) as c:
+        schema = c.get("/openapi.json").json()
+    for path in ("/v1/classify", "/v1/summarize", "/v1/translate", "/v1/qa", "/v1/completions"):
+        assert path in schema["paths"]
+    assert "ClassifyRequest" in json.dumps(schema["components"])
