@@ -49,6 +49,7 @@ class RunSummary:
     peak_memory_mb: float = 0.0  # rank 0's peak (RSS on CPU, max allocated on GPU)
     tokens_per_s: float = 0.0  # mean over the logged windows
     artifact_bytes: int = 0
+    worker_nodes: list[str] = field(default_factory=list)  # Ray node id of each rank
     registered: str | None = None  # "name@version"
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -219,6 +220,7 @@ def finetune(
         tokens_per_s=round(_mean([h["tokens_per_s"] for h in history if "tokens_per_s" in h]), 1),
         artifact_bytes=sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()),
         history=history,
+        worker_nodes=next((h["worker_nodes"] for h in history if "worker_nodes" in h), []),
     )
     # 6. Register (atomically) only a run that finished; a failed run raised above.
     if cfg.register_artifact and task.name != "text":
@@ -252,7 +254,8 @@ def _metadata(cfg: FinetuneConfig, summary: RunSummary, labels: list[str] | None
 def _feature_baseline(cfg, data, labels, run_name, run_dir, registry_root, started) -> RunSummary:
     """Frozen-model features + logistic regression, run as one Ray task on the cluster."""
 
-    @ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0)
+    # max_calls=1: a fresh worker process, so its peak RSS is this run's alone.
+    @ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0, max_calls=1)
     def fit_features(cfg_json: dict, train_rows: list[dict], test_rows: list[dict], labels: list[str]):
         import numpy as np
         from safetensors.numpy import save_file
@@ -267,12 +270,25 @@ def _feature_baseline(cfg, data, labels, run_name, run_dir, registry_root, start
         tok = load_tokenizer(c.model.name_or_path)
         model = load_model(c.model.name_or_path, c.model.dtype)
 
+        featurized = {"tokens": 0, "seconds": 0.0}
+
         def feats(rows):
-            return mean_pooled_features(model, tok, [prompt_ids(tok, task.instruction(r)) for r in rows]).numpy()
+            ids = [prompt_ids(tok, task.instruction(r)) for r in rows]
+            t0 = time.perf_counter()
+            out = mean_pooled_features(model, tok, ids).numpy()
+            featurized["seconds"] += time.perf_counter() - t0
+            featurized["tokens"] += sum(len(x) for x in ids)
+            return out
 
         y = [labels.index(task.target(r).strip()) for r in train_rows]
         clf = LogisticRegression(max_iter=2000).fit(feats(train_rows), y)
         preds = [labels[i] for i in clf.predict(feats(test_rows))]
+        import resource
+
+        measured = {  # the same measures as the Ray Train methods report
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+            "tokens_per_s": featurized["tokens"] / max(featurized["seconds"], 1e-9),
+        }
         out = Path(tempfile.mkdtemp(prefix="lorafleet-feature-")) / "model"
         out.mkdir(parents=True)
         save_file({"coef": clf.coef_.astype(np.float32), "intercept": clf.intercept_.astype(np.float32)},
@@ -280,15 +296,18 @@ def _feature_baseline(cfg, data, labels, run_name, run_dir, registry_root, start
         (out / "feature.json").write_text(json.dumps({"labels": labels, "base_model": c.model.name_or_path}))
         trainable = int(clf.coef_.size + clf.intercept_.size)
         total = trainable + sum(p.numel() for p in model.parameters())
-        return task.score(preds, test_rows), trainable, total, str(out)
+        return task.score(preds, test_rows), trainable, total, str(out), measured
 
     train_rows = [ex.row for ex in data["examples"]["train"]]
     test_rows = [ex.row for ex in data["examples"]["test"]]
-    metrics, trainable, total, model_dir = ray.get(
+    metrics, trainable, total, model_dir, measured = ray.get(
         fit_features.remote(cfg.model_dump(mode="json"), train_rows, test_rows, labels)
     )
     summary = RunSummary(run_name, run_dir, "feature", cfg.task.name, metrics, trainable, total,
-                         round(time.time() - started, 2), 0, model_dir)
+                         round(time.time() - started, 2), 0, model_dir,
+                         peak_memory_mb=round(measured["peak_memory_mb"], 1),
+                         tokens_per_s=round(measured["tokens_per_s"], 1),
+                         artifact_bytes=sum(f.stat().st_size for f in Path(model_dir).rglob("*") if f.is_file()))
     if cfg.register_artifact:
         summary.registered = Registry(registry_root).register(cfg.name, model_dir, _metadata(cfg, summary, labels)).ref
     return summary

@@ -138,6 +138,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model, parallel_strategy="fsdp" if cfg.scaling.strategy == "fsdp" else "ddp"
     )
     device = ray.train.torch.get_device()
+    # Where each rank runs (shown once in the log; the 2-node test checks one worker per node).
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
@@ -209,6 +214,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "resumed_from": resumed_from,
                 "peak_memory_mb": _peak_memory_mb(device),
             }
+            if nodes:
+                metrics["worker_nodes"], nodes = nodes, []
             ckpt = None
             if is_eval:
                 metrics.update(_evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer, scheduler, step, rank))
@@ -279,8 +286,12 @@ def build_trainer(
     labels: list[str] | None,
     progress_queue=None,
     log_path: str | None = None,
+    callbacks: list | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer for one run; reusing (name, storage_path) resumes that run."""
+    """The TorchTrainer for one run; reusing (name, storage_path) resumes that run.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's report callback).
+    """
     metric_key = f"val_{get_task(cfg.task.name).primary_metric}"
     return TorchTrainer(
         train_loop_per_worker,
@@ -306,5 +317,6 @@ def build_trainer(
                 checkpoint_score_order="max" if get_task(cfg.task.name).mode == "max" else "min",
             ),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
         ),
     )

