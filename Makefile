@@ -31,7 +31,8 @@ $(BASE)/config.json: .venv/.installed
 	.venv/bin/lorafleet base build --out $(BASE)
 
 demo: venv base
-	$(PY) jobs/demo.py
+	.venv/bin/lorafleet eval base --config configs/tiny/classification-lora.yaml
+	.venv/bin/lorafleet train configs/tiny/classification-lora.yaml
 
 test: venv base
 	bash -c '$(PY) -m pytest -q tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
