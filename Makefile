@@ -30,12 +30,12 @@ base: $(BASE)/config.json
 $(BASE)/config.json: .venv/.installed
 	.venv/bin/lorafleet base build --out $(BASE)
 
+# Each task's adapter against the untuned base model (a table), then all of them served and called.
 demo: venv base
-	.venv/bin/lorafleet eval base --config configs/tiny/classification-lora.yaml
-	.venv/bin/lorafleet train configs/tiny/classification-lora.yaml
+	$(PY) jobs/demo.py
 
 test: venv base
-	bash -c '$(PY) -m pytest -q tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
+	bash -c '$(PY) -m pytest -q --durations=15 tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
 
 bench: venv base
 	$(PY) bench/train_overhead.py

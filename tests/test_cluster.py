@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import shutil
 import subprocess
+import tempfile
 import time
 
 import psutil
@@ -42,8 +44,10 @@ def _ray_processes(temp_dir: str) -> list[psutil.Process]:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path, home):
-    temp_dir = str(tmp_path / "ray")
+def two_node_cluster(home):
+    # Ray's socket paths live under the temp dir and must stay under 107 bytes: pytest's
+    # tmp_path is too deep, so use a short folder straight under /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
     gcs, dash = _free_port(), _free_port()
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -66,7 +70,11 @@ def two_node_cluster(tmp_path, home):
         # helpers) are found through the session folder they hold open.
         time.sleep(1)
         for p in _ray_processes(temp_dir):
-            p.kill()
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_two_nodes_one_worker_each(two_node_cluster, home):

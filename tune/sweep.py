@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from lorafleet.config import default_home
+from lorafleet.finetune import init_ray
 from lorafleet.sweep import (
     build_tuner,
-    init_ray_for_sweep,
     load_sweep,
     print_table,
     read_spec,
@@ -47,7 +47,7 @@ def main() -> None:
     spec = read_spec(args.resume) if args.resume else load_sweep(args.config, args.set, default_home(), args.name)
 
     # 2. Ray: the cluster this job was submitted to, or a private local instance.
-    init_ray_for_sweep()
+    init_ray()
 
     # 3. Tune: one function trainable per trial, each running its own TorchTrainer; ASHA stops the
     #    weak ones. A resumed sweep keeps its finished trials and continues the others.

@@ -73,11 +73,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("lorafleet train: give a CONFIG file, or --resume RUN_DIR")
     summary = finetune(cfg, registry_root=home / "registry", resume_dir=args.resume, progress=not args.quiet)
+    _shutdown_ray()  # flush worker logs now, so nothing prints after the summary
     if args.json:
         print(json.dumps(summary.as_dict()))
     else:
         print_summary(summary)
     return 0
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import shutil
 import tempfile
 import threading
@@ -60,15 +61,33 @@ class RunSummary:
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS), or start a private local instance.
 
-    A bare `ray.init()` would silently attach to any Ray already running on this machine.
+    A bare `ray.init()` would silently attach to any Ray already running on this machine. Locally
+    the dashboard gets a known port and every Ray process gets `RAY_API_SERVER_ADDRESS` pointing at
+    it: Ray Train's PlacementGroupCleaner finds the cluster through the state API, and with several
+    Ray instances on one machine its auto-detection fails ("Found multiple active Ray instances"),
+    so a finished (or ASHA-stopped) run's CPUs never come back. Tune with the dashboard off
+    deadlocked (docs/SWEEPS.md).
     """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus)  # the dashboard serves the state API Train/Tune clean-up needs
+        port = _free_port()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_splits(cfg: FinetuneConfig, tokenizer, labels: list[str] | None) -> dict[str, Any]:

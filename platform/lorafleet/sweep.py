@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lorafleet.config import ConfigError, FinetuneConfig, apply_overrides, default_home, dump_config, parse_config
+from lorafleet.finetune import init_ray
 
 __all__ = [
     "ParamSpec",
@@ -39,7 +39,6 @@ __all__ = [
     "SweepSpec",
     "SweepReport",
     "load_sweep",
-    "init_ray_for_sweep",
     "build_tuner",
     "restore_tuner",
     "summarize",
@@ -301,39 +300,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, home: Path 
 
 
 # --- Ray ----------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_ray_for_sweep(num_cpus: int | None = None) -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a private local instance.
-
-    Locally the dashboard gets a known port and every Ray process gets `RAY_API_SERVER_ADDRESS`
-    pointing at it: Ray Train's PlacementGroupCleaner (which frees an ASHA-stopped trial's
-    workers) finds the cluster through the state API, and with several Ray instances on one
-    machine its auto-detection fails ("Found multiple active Ray instances") and the freed CPUs
-    never come back. The dashboard must be on: Tune with it off deadlocked (docs/SWEEPS.md).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        port = _free_port()
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-        )
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 # --- the trial ------------------------------------------------------------------------------------
@@ -849,7 +815,7 @@ def _finish(spec: SweepSpec, grid, started: float, promote: bool, console=None) 
 def run_sweep(spec: SweepSpec, promote: bool = False, console=None) -> SweepReport:
     """Run a sweep to the end: Tune trials, table, plot, results.json, registered winner."""
     started = time.time()
-    init_ray_for_sweep()
+    init_ray()
     grid = build_tuner(spec).fit()
     return _finish(spec, grid, started, promote, console)
 
@@ -858,7 +824,7 @@ def resume_sweep(sweep_dir: str | Path, promote: bool = False, console=None) -> 
     """Continue an interrupted sweep: finished trials are kept, unfinished ones continue."""
     started = time.time()
     spec = read_spec(sweep_dir)
-    init_ray_for_sweep()
+    init_ray()
     spec, tuner = restore_tuner(sweep_dir)
     grid = tuner.fit()
     first = min((e["time"] for e in _read_events(Path(spec.sweep_dir))), default=started)

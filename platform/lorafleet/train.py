@@ -7,6 +7,7 @@ checkpoint holds. Each worker gets its shard from Ray Data; rank 0 evaluates and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -117,8 +118,20 @@ def _lr_lambda(cfg: FinetuneConfig):
     return fn
 
 
+def _quiet_report_logs() -> None:
+    # Ray 2.60 logs every ray.train.report() at INFO ("Reporting training result ...") under a
+    # logger named by its file path, which Ray Train's own log-level filter (it matches
+    # "ray.train*") misses; with log_every=1 it buries the progress bar and the driver's output.
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the model, restore, train, report, checkpoint."""
+    _quiet_report_logs()
     cfg = FinetuneConfig.model_validate(loop_config["config"])
     task = get_task(cfg.task.name)
     labels: list[str] | None = loop_config.get("labels")
@@ -223,7 +236,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
             if rank == 0:
                 _log(progress, log_path, metrics)
-            ray.train.report(metrics, checkpoint=ckpt)
+            # The local copy goes once it is in storage_path: full-model checkpoints add up fast.
+            ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
             window_tokens, window_start = 0, time.perf_counter()
             if step >= cfg.train.max_steps:
                 break
