@@ -148,3 +148,75 @@ def test_cli_has_serve_ask_rag():
     assert args.task == "classify" and args.adapter == "tickets-lora@1"
     assert parser.parse_args(["serve", "serve/config.yaml", "--port", "18001"]).port == 18001
     assert parser.parse_args(["rag", "index", "docs", "--collection", "kb"]).collection == "kb"
+
+
+def test_classify_scores_equal_label_probs_with_a_transformers_engine(registry, base):
+    """/v1/classify's bookkeeping (label token ids, prefixes, row mapping) against evaluate.label_probs,
+    with transformers+peft standing in for vLLM's next-token logprobs (the engine side is checked in
+    test_serving.py). Regression: bare-label token ids ("billing" without the leading space) gave
+    billing 0.00016 where label_probs gives 0.168."""
+    pytest.importorskip("ray.llm")
+    from types import SimpleNamespace
+
+    import torch
+    from peft import PeftModel
+
+    from lorafleet.base_model import load_model, load_tokenizer
+    from lorafleet.data import prompt_ids, target_ids
+    from lorafleet.evaluate import label_probs
+    from lorafleet.serving.adapters import AdapterCatalog
+    from lorafleet.serving.app import LorafleetIngress
+    from lorafleet.serving.metrics import RequestMetrics
+    from lorafleet.serving.protocol import ClassifyRequest
+    from lorafleet.serving.settings import ServeSettings
+    from lorafleet.tasks import get_task
+
+    entry = registry.resolve("tickets-lora@1")
+    model = PeftModel.from_pretrained(load_model(str(base), "float32"), str(entry.path)).eval()
+    tok = load_tokenizer(str(base))
+    seen: dict = {}
+
+    async def fake_complete(model_id, prompts, *, max_tokens, logprobs, logprob_token_ids, **kwargs):
+        """Answers like vLLM's completions with logprob_token_ids: one choice per prompt (here in
+        reverse order, so the mapping must go by index), the sampled token included in the row."""
+        seen.update(model_id=model_id, wanted=list(logprob_token_ids), n=len(prompts))
+        choices = []
+        for i, p in enumerate(prompts):
+            with torch.no_grad():
+                row = torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1].float(), -1)
+            ids = [int(row.argmax()), *logprob_token_ids]
+            top = {f"token_id:{t}": float(row[t]) for t in ids}
+            choices.append(SimpleNamespace(index=i, logprobs=SimpleNamespace(top_logprobs=[top])))
+        return SimpleNamespace(choices=choices[::-1])
+
+    ingress = object.__new__(LorafleetIngress)
+    ingress.settings = ServeSettings(home=str(registry.root.parent), tasks={"classification": "tickets-lora"})
+    ingress.base_id = "tiny"
+    ingress.catalog = AdapterCatalog(registry.root, "tiny", max_lora_rank=16)
+    ingress.tokenizer = tok
+    ingress.tasks = {"classification": get_task("classification")}
+    ingress.metrics = RequestMetrics()
+    ingress._complete = fake_complete
+
+    task = get_task("classification")
+    text = "I forgot my password and cannot log in"
+    body = asyncio.run(ingress.classify(ClassifyRequest(text=text)))
+    assert seen["model_id"] == "tiny:tickets-lora@1" and body.adapter == "tickets-lora@1"
+    # The training/eval target contract: " " + label, then EOS (" billing" is one token, "billing" three).
+    assert set(seen["wanted"]) == {t for lab in task.labels for t in target_ids(tok, lab)}
+    want = label_probs(model, tok, [prompt_ids(tok, task.instruction({"text": text}))], list(task.labels))[0]
+    for j, lab in enumerate(task.labels):
+        assert body.scores[lab] == pytest.approx(float(want[j]), abs=1e-5), (body.scores, want)
+    sub = asyncio.run(ingress.classify(ClassifyRequest(text=text, labels=["billing", "account"])))
+    pair = torch.softmax(torch.log(want[[0, 2]]), -1)  # narrowing = renormalizing over the subset
+    assert sub.scores["billing"] == pytest.approx(float(pair[0]), abs=1e-5)
+
+
+def test_engine_logprobs_mode_must_stay_raw():
+    pytest.importorskip("ray.llm")
+    from lorafleet.serving.app import llm_config_from
+    from lorafleet.serving.settings import ServeSettings
+
+    assert llm_config_from(ServeSettings()).engine_kwargs["enable_lora"] is True
+    with pytest.raises(ValueError, match="raw_logprobs"):
+        llm_config_from(ServeSettings(engine_kwargs={"logprobs_mode": "processed_logprobs"}))

@@ -36,6 +36,17 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+def _right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and their attention mask for a batch of token-id lists."""
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32
@@ -72,12 +83,7 @@ def label_probs(
     pairs = [(i, j, p + lab) for i, p in enumerate(prompts) for j, lab in enumerate(label_ids)]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        width = max(len(seq) for _, _, seq in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, (_, _, seq) in enumerate(chunk):
-            ids[k, : len(seq)] = torch.tensor(seq)
-            mask[k, : len(seq)] = 1
+        ids, mask = _right_pad([seq for _, _, seq in chunk], tokenizer.pad_token_id)
         logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
         for k, (i, j, seq) in enumerate(chunk):
             n = len(label_ids[j])
@@ -95,12 +101,7 @@ def head_predict(model: HeadClassifier, tokenizer, prompts: list[list[int]], bat
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
+        ids, mask = _right_pad(batch, tokenizer.pad_token_id)
         out.append(torch.softmax(model(ids.to(device), mask.to(device)).float(), -1).cpu())
     return torch.cat(out)
 
@@ -152,12 +153,7 @@ def mean_pooled_features(model: nn.Module, tokenizer, prompts: list[list[int]], 
     feats = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, x in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
+        ids, mask = _right_pad(batch, tokenizer.pad_token_id)
         feats.append(last_token_hidden(model, ids, mask).float())
     return torch.cat(feats)
 

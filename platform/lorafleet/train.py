@@ -178,7 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu else torch.autocast("cpu", enabled=False)
     is_head = isinstance(_unwrap(model), HeadClassifier)
     epoch = 0
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_start, window_step = 0, time.perf_counter(), step
 
     while step < cfg.train.max_steps:
         batches = shard.iter_torch_batches(
@@ -214,7 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step % cfg.train.log_every and not is_eval:
                 continue
             elapsed = time.perf_counter() - window_start
-            n_steps = cfg.train.log_every if step % cfg.train.log_every == 0 else (step % cfg.train.log_every or 1)
+            n_steps = step - window_step
             metrics: dict[str, Any] = {
                 "step": step,
                 "loss": float(loss.detach()),
@@ -236,9 +236,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
             if rank == 0:
                 _log(progress, log_path, metrics)
-            # The local copy goes once it is in storage_path: full-model checkpoints add up fast.
-            ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
-            window_tokens, window_start = 0, time.perf_counter()
+            # Only evaluations go to Ray: in Ray 2.60 report() waits until the controller drains the
+            # worker's one-slot result queue, which it does every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S);
+            # reporting every log window pinned steps at 2 s / log_every (bench/RESULTS.md). The
+            # per-step numbers reach the driver through the progress queue and train_log.jsonl.
+            if is_eval:
+                # The local copy goes once it is in storage_path: full-model checkpoints add up fast.
+                ray.train.report(metrics, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
+            window_tokens, window_start, window_step = 0, time.perf_counter(), step
             if step >= cfg.train.max_steps:
                 break
         epoch += 1

@@ -287,7 +287,7 @@ class LorafleetIngress(OpenAiIngress):
     async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
         """The adapter's label probabilities: softmax over each label's summed token log-probs + EOS
         given the prompt (the same quantity as ``lorafleet.evaluate.label_probs``)."""
-        from lorafleet.data import prompt_ids
+        from lorafleet.data import prompt_ids, target_ids
 
         with self.metrics.timed("classify") as info:
             spec = self.tasks["classification"]
@@ -303,8 +303,10 @@ class LorafleetIngress(OpenAiIngress):
                                        param="labels", available=known)
                 labels = list(dict.fromkeys(body.labels))
             prompt = prompt_ids(self.tokenizer, spec.instruction({"text": body.text}))
-            eos = self.tokenizer.eos_token_id
-            label_ids = [self.tokenizer(lab, add_special_tokens=False)["input_ids"] + [eos] for lab in labels]
+            # Exactly the training/eval target contract: " " + label, then EOS. Tokenizing the bare
+            # label ("billing" -> 3 rare pieces instead of "Ġbilling") scored strings the model was
+            # never trained to produce and made the scores unrelated to evaluate.label_probs.
+            label_ids = [target_ids(self.tokenizer, lab) for lab in labels]
             self._fit(prompt, max(len(x) for x in label_ids))
             logps = await self._label_logprobs(model_id, prompt, label_ids)
             top = max(logps)
@@ -438,6 +440,10 @@ def llm_config_from(settings: ServeSettings):
     from ray.serve.llm import LLMConfig
 
     cpu = settings.accelerator == "cpu"
+    mode = settings.engine_kwargs.get("logprobs_mode", "raw_logprobs")
+    if mode != "raw_logprobs":  # /v1/classify sums log_softmax(logits): anything else changes its scores
+        raise ValueError(f"engine_kwargs.logprobs_mode={mode!r} is not supported: /v1/classify needs vLLM's "
+                         "default 'raw_logprobs'; remove it from engine_kwargs")
     engine_kwargs: dict[str, Any] = {
         "enable_lora": True,
         "max_loras": settings.max_loras,
