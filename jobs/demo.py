@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ TASK_CONFIGS = [
     "configs/tiny/translation-lora.yaml",
     "configs/tiny/qa-lora.yaml",
 ]
-console = Console()
+# Piped into a log, rich would fall back to 80 columns and cut the table's cells.
+console = Console() if sys.stdout.isatty() else Console(width=132)
 
 
 def train_and_compare(path: str, overrides: list[str], home: Path) -> dict[str, Any]:
@@ -146,6 +148,7 @@ def main() -> None:
     # 2. Serve: all adapters behind the task endpoints, one call each.
     if not args.no_serve:
         serve_and_call(rows, home)
+        print_table(rows)  # the serving output is long: end with the table again
     console.print(f"demo finished in {time.time() - started:.0f} s")
 
 

@@ -6,6 +6,7 @@ session started some other way builds it itself.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,13 +46,54 @@ def home(tmp_path_factory, base_model) -> Path:
     return h
 
 
-@pytest.fixture
-def env(home) -> dict[str, str]:
-    """Environment for running the CLI/jobs as a user would, against the session's home."""
+def cli_env(home: Path) -> dict[str, str]:
+    """Environment for running the CLI/jobs as a user would, against ``home``."""
     e = dict(os.environ)
     e["LORAFLEET_HOME"] = str(home)
     e.pop("RAY_ADDRESS", None)  # each CLI run starts its own private local Ray
     return e
+
+
+@pytest.fixture
+def env(home) -> dict[str, str]:
+    return cli_env(home)
+
+
+# The generative configs with fewer steps and smaller splits, to keep the suite short.
+FEWER_STEPS = [
+    "--set", "train.max_steps=150", "--set", "train.eval_every=75", "--set", "train.eval_samples=16",
+    "--set", "data.synthetic_sizes={train: 2000, validation: 16, test: 40}",
+]
+TASK_RUNS = {  # task -> (shipped config, registered name, overrides)
+    "classification": ("configs/tiny/classification-lora.yaml", "tickets-accept", []),
+    "summarization": ("configs/tiny/summarization-lora.yaml", "summarization-accept", FEWER_STEPS),
+    "translation": ("configs/tiny/translation-lora.yaml", "translation-accept", FEWER_STEPS),
+    "qa": ("configs/tiny/qa-lora.yaml", "qa-accept", FEWER_STEPS),
+}
+
+
+@pytest.fixture(scope="session")
+def trained(home):
+    """``trained(task)`` -> (untuned base metrics, `lorafleet train --json` summary), both through
+    the CLI as a user runs them, into the session's registry. Each task trains once per session:
+    the task-adapter acceptance tests and the serving tests share the adapters."""
+    cache: dict[str, tuple[dict, dict]] = {}
+
+    def get(task: str) -> tuple[dict, dict]:
+        if task not in cache:
+            config, name, overrides = TASK_RUNS[task]
+            e = cli_env(home)
+            base = last_json(run_cli(["eval", "base", "--config", config, "--json", *overrides], e).stdout)["metrics"]
+            summary = last_json(run_cli(["train", config, "--quiet", "--json", "--set", f"name={name}", *overrides],
+                                        e, timeout=900).stdout)
+            cache[task] = (base, summary)
+        return cache[task]
+
+    return get
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

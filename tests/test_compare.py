@@ -152,6 +152,7 @@ def test_ladder_measures_every_rung(ladder_run):
         assert by[rung]["trainable_params"] == 0 and by[rung]["artifact_bytes"] == 0
     for rung in ("feature", "head", "partial", "lora", "full"):
         artifact = Path(by[rung]["artifact_dir"])
+        assert artifact.parent == Path(by[rung]["run_dir"])  # kept with its run, nothing left in /tmp
         on_disk = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
         assert by[rung]["artifact_bytes"] == on_disk > 0
     for rung in ("head", "partial", "lora", "full"):

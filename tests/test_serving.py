@@ -1,9 +1,9 @@
 """End-to-end serving: one Serve app (real Ray Serve LLM + vLLM CPU engine) per module.
 
-Adapters are random peft LoRA adapters registered in a temporary registry (training real ones
-would add minutes; the serving contract is about exact equality with transformers+peft, which a
-random adapter checks at least as sharply). Every answer is compared with transformers+peft
-greedy in fp32, token for token.
+The two served adapters are trained for real (classification and summarization, by the session's
+`trained` fixture, which the task-adapter acceptance tests share) and copied into this module's
+registry; the tampered and the promoted versions are random peft adapters. Every answer is
+compared with transformers+peft greedy in fp32, token for token.
 """
 
 from __future__ import annotations
@@ -47,22 +47,9 @@ def _free_port() -> int:
     raise RuntimeError("no free port in 18000-18999")
 
 
-def _base_model(home: Path) -> Path:
-    """The tiny base model: copied from $LORAFLEET_HOME (make builds it), else a random one."""
-    src = Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")) / "models" / "tiny"
-    dst = home / "models" / "tiny"
-    if (src / "config.json").is_file():
-        shutil.copytree(src, dst)
-    else:  # pragma: no cover - outside make
-        from lorafleet.pretrain import build_base
-
-        build_base(dst, steps=0)
-    return dst
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """Registry with two adapters (two tasks), the Serve app on local Ray, and reference answers."""
+def stack(tmp_path_factory, trained, home, base_model):
+    """Registry with two trained adapters (two tasks), the Serve app on local Ray, and the tokenizer."""
     import ray
     from ray import serve
 
@@ -70,14 +57,19 @@ def stack(tmp_path_factory):
     from lorafleet.data import prompt_ids
     from lorafleet.registry import Registry
     from lorafleet.serving.app import build_app
-    from lorafleet.serving.testing import register_random_adapter
 
-    home = tmp_path_factory.mktemp("home")
-    base = _base_model(home)
-    reg = Registry(home / "registry")
+    trained_reg = Registry(home / "registry")
+    served = {}
+    for serve_name, task in (("tickets-lora", "classification"), ("notes-lora", "summarization")):
+        entry = trained_reg.resolve(trained(task)[1]["registered"])
+        served[serve_name] = (entry.path, entry.metadata)
+    serve_home = tmp_path_factory.mktemp("serve-home")
+    base = serve_home / "models" / "tiny"
+    shutil.copytree(base_model, base)  # the base the adapters were trained on, in the served home
+    reg = Registry(serve_home / "registry")
     work = tmp_path_factory.mktemp("adapters")
-    a = register_random_adapter(reg, "tickets-lora", base, work, seed=1, task="classification")
-    b = register_random_adapter(reg, "notes-lora", base, work, seed=2, task="summarization")
+    a = reg.register("tickets-lora", *served["tickets-lora"])
+    b = reg.register("notes-lora", *served["notes-lora"])
 
     # A short temp dir: Ray's socket paths must stay under 107 characters.
     ray_tmp = Path("/tmp") / f"lfs-{os.getpid()}"
@@ -87,7 +79,7 @@ def stack(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = {
-            "home": str(home), "model_id": "tiny", "base_model": "${home}/models/tiny",
+            "home": str(serve_home), "model_id": "tiny", "base_model": "${home}/models/tiny",
             "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
             "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY],
         }
@@ -97,7 +89,7 @@ def stack(tmp_path_factory):
         tok = load_tokenizer(str(base))
         prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: {t}\nLabel:\n") for t in TEXTS]
         yield {
-            "url": f"http://127.0.0.1:{port}", "home": home, "base": base, "registry": reg,
+            "url": f"http://127.0.0.1:{port}", "home": serve_home, "base": base, "registry": reg,
             "adapters": {"tickets-lora": a, "notes-lora": b}, "tok": tok, "prompts": prompts, "work": work,
         }
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,20 @@ def test_registry_loader_gives_ray_a_verified_local_copy(registry):
     assert Path(configs[0].local_path).is_relative_to(loader.lora_root)
     with pytest.raises(RegistryError):
         asyncio.run(loader.load_model_from_config("tiny:tickets-lora", Cfg()))  # exact versions only
+
+
+def test_orphan_adapter_caches_are_removed(tmp_path):
+    from lorafleet.serving.adapters import _remove_orphan_caches
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs (reaped)
+    orphan = tmp_path / f"lorafleet-lora-{gone.pid}-abc"
+    mine = tmp_path / f"lorafleet-lora-{os.getpid()}-def"
+    unrelated = tmp_path / "lorafleet-lora-legacy"
+    for d in (orphan, mine, unrelated):
+        (d / "x").mkdir(parents=True)
+    _remove_orphan_caches(tmp_path)
+    assert not orphan.exists() and mine.exists() and unrelated.exists()
 
 
 def test_rag_index_and_search(tmp_path):

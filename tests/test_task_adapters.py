@@ -10,24 +10,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import run_cli
+from conftest import last_json, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def _last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def test_classification_config_via_cli(env):
-    config = "configs/tiny/classification-lora.yaml"
-    base = _last_json(run_cli(["eval", "base", "--config", config, "--json"], env).stdout)["metrics"]
-    summary = _last_json(run_cli(["train", config, "--quiet", "--json", "--set", "name=tickets-accept"], env, timeout=900).stdout)
-
+def test_classification_config_via_cli(trained, env):
+    base, summary = trained("classification")  # `lorafleet train configs/tiny/classification-lora.yaml`
     assert summary["registered"] == "tickets-accept@1"
     assert len(summary["worker_nodes"]) == 2  # two Ray Train workers, as the config says
     acc = summary["test_metrics"]["accuracy"]
@@ -35,24 +26,16 @@ def test_classification_config_via_cli(env):
     assert acc >= base["accuracy"] + 0.2, (acc, base)
     assert summary["trainable_params"] < 0.05 * summary["total_params"]
 
-    again = _last_json(run_cli(["eval", "tickets-accept@1", "--json"], env).stdout)["metrics"]
+    again = last_json(run_cli(["eval", "tickets-accept@1", "--json"], env).stdout)["metrics"]
     assert again["accuracy"] == pytest.approx(acc, abs=1e-9)
     assert again["macro_f1"] == pytest.approx(summary["test_metrics"]["macro_f1"], abs=1e-9)
 
 
-FEWER_STEPS = [
-    "--set", "train.max_steps=150", "--set", "train.eval_every=75", "--set", "train.eval_samples=16",
-    "--set", "data.synthetic_sizes={train: 2000, validation: 16, test: 40}",
-]
-
-
 @pytest.mark.parametrize("task", ["summarization", "translation", "qa"])
-def test_generative_task_adapter_beats_base(task, env):
-    config = f"configs/tiny/{task}-lora.yaml"
+def test_generative_task_adapter_beats_base(task, trained):
     metric = {"summarization": "rougeL", "translation": "chrf", "qa": "token_f1"}[task]
-    base = _last_json(run_cli(["eval", "base", "--config", config, "--json", *FEWER_STEPS], env).stdout)["metrics"]
-    summary = _last_json(run_cli(["train", config, "--quiet", "--json", "--set", f"name={task}-accept", *FEWER_STEPS],
-                                 env, timeout=900).stdout)
+    base, summary = trained(task)
+    assert summary["registered"] == f"{task}-accept@1"
     assert summary["trainable_params"] < 0.05 * summary["total_params"]
     # Same test split (same seed and size) for both; the margin keeps noise from passing as a win.
     assert summary["test_metrics"][metric] > base[metric] + 0.05, (summary["test_metrics"], base)

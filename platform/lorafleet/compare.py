@@ -19,7 +19,6 @@ configs/tiny/compare-classification.yaml and docs/COMPARE.md.
 from __future__ import annotations
 
 import copy
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -352,12 +351,7 @@ def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Pat
     cfg.run.storage_path = str(out_dir / "runs")
     cfg.run.name = None  # unique run names: reusing one would silently resume an old run
     s = finetune(cfg, registry_root=ladder.home / "registry", progress=progress)
-    # Keep the artifact with the ladder (finetune leaves it in a temp folder).
-    artifact = out_dir / "artifacts" / rung
-    if s.artifact_dir and Path(s.artifact_dir).exists():
-        artifact.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(s.artifact_dir, artifact)
-        shutil.rmtree(Path(s.artifact_dir).parent, ignore_errors=True)
+    artifact = Path(s.artifact_dir)  # inside the rung's run folder, under the ladder's folder
     task = get_task(cfg.task.name)
     devices = _devices(cfg, rung)
     hours, cost = _cost(s.wall_time_s, devices, ladder.config.price_per_device_hour)

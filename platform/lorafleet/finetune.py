@@ -28,6 +28,8 @@ from lorafleet.registry import Registry
 from lorafleet.tasks import get_task
 from lorafleet.train import MODEL_DIR, build_dataset, build_trainer
 
+ARTIFACT_DIR = "artifact"
+
 __all__ = ["RunSummary", "finetune", "init_ray", "load_splits", "run_dir_config", "CONFIG_FILE"]
 
 CONFIG_FILE = "lorafleet-config.yaml"  # the resolved config, saved in the run folder before training
@@ -46,7 +48,7 @@ class RunSummary:
     total_params: int
     wall_time_s: float
     steps: int
-    artifact_dir: str | None = None
+    artifact_dir: str | None = None  # the best checkpoint's model: <run_dir>/artifact for a local run
     peak_memory_mb: float = 0.0  # rank 0's peak (RSS on CPU, max allocated on GPU)
     tokens_per_s: float = 0.0  # mean over the logged windows
     artifact_bytes: int = 0
@@ -216,8 +218,12 @@ def finetune(
     best = result.get_best_checkpoint(metric_key, task.mode) if task.name != "text" else result.checkpoint
     best = best or result.checkpoint
     final = result.metrics or {}
+    # The artifact stays with its run (a local run folder), so nothing is left behind in /tmp;
+    # with object storage it is copied to a temporary folder that the caller owns.
+    artifact_root = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="lorafleet-artifact-"))
+    model_dir = artifact_root / ARTIFACT_DIR
     with best.as_directory() as d:
-        model_dir = Path(tempfile.mkdtemp(prefix="lorafleet-artifact-")) / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)  # a resumed run replaces its old artifact
         shutil.copytree(Path(d) / MODEL_DIR, model_dir)
     test_metrics: dict[str, float] = {}
     if task.name != "text":
@@ -277,7 +283,7 @@ def _feature_baseline(cfg, data, labels, run_name, run_dir, registry_root, start
     @ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0, max_calls=1)
     def fit_features(cfg_json: dict, train_rows: list[dict], test_rows: list[dict], labels: list[str]):
         import numpy as np
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
         from sklearn.linear_model import LogisticRegression
 
         from lorafleet.base_model import load_model, load_tokenizer
@@ -308,22 +314,30 @@ def _feature_baseline(cfg, data, labels, run_name, run_dir, registry_root, start
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "tokens_per_s": featurized["tokens"] / max(featurized["seconds"], 1e-9),
         }
-        out = Path(tempfile.mkdtemp(prefix="lorafleet-feature-")) / "model"
-        out.mkdir(parents=True)
-        save_file({"coef": clf.coef_.astype(np.float32), "intercept": clf.intercept_.astype(np.float32)},
-                  str(out / "feature.safetensors"))
-        (out / "feature.json").write_text(json.dumps({"labels": labels, "base_model": c.model.name_or_path}))
+        # The classifier is a few KiB: it travels back as bytes, since this task may run on
+        # another node than the driver that writes the artifact.
+        files = {
+            "feature.safetensors": save(
+                {"coef": clf.coef_.astype(np.float32), "intercept": clf.intercept_.astype(np.float32)}
+            ),
+            "feature.json": json.dumps({"labels": labels, "base_model": c.model.name_or_path}).encode(),
+        }
         trainable = int(clf.coef_.size + clf.intercept_.size)
         total = trainable + sum(p.numel() for p in model.parameters())
-        return task.score(preds, test_rows), trainable, total, str(out), measured
+        return task.score(preds, test_rows), trainable, total, files, measured
 
     train_rows = [ex.row for ex in data["examples"]["train"]]
     test_rows = [ex.row for ex in data["examples"]["test"]]
-    metrics, trainable, total, model_dir, measured = ray.get(
+    metrics, trainable, total, files, measured = ray.get(
         fit_features.remote(cfg.model_dump(mode="json"), train_rows, test_rows, labels)
     )
+    local = "://" not in run_dir
+    model_dir = (Path(run_dir) if local else Path(tempfile.mkdtemp(prefix="lorafleet-artifact-"))) / ARTIFACT_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for fname, blob in files.items():
+        (model_dir / fname).write_bytes(blob)
     summary = RunSummary(run_name, run_dir, "feature", cfg.task.name, metrics, trainable, total,
-                         round(time.time() - started, 2), 0, model_dir,
+                         round(time.time() - started, 2), 0, str(model_dir),
                          peak_memory_mb=round(measured["peak_memory_mb"], 1),
                          tokens_per_s=round(measured["tokens_per_s"], 1),
                          artifact_bytes=sum(f.stat().st_size for f in Path(model_dir).rglob("*") if f.is_file()))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import ray
 import ray.train
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
@@ -63,6 +64,13 @@ def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     if out["labels"].shape[1] > 1:  # causal LM labels align with input_ids; head labels are one index
         out["labels"] = out["labels"][:, :width]
     return out
+
+
+class TrimPaddingCollate(NumpyBatchCollateFn):
+    """Ray Data's collate hook (a class: plain functions are deprecated since Ray 2.47)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return _collate(batch)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < cfg.train.max_steps:
         batches = shard.iter_torch_batches(
             batch_size=cfg.train.batch_size,
-            collate_fn=_collate,
+            collate_fn=TrimPaddingCollate(),
             drop_last=True,
             local_shuffle_buffer_size=cfg.train.batch_size * 8,
             local_shuffle_seed=cfg.train.seed + epoch * 1000 + rank,
@@ -225,7 +233,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "trainable_params": trainable,
                 "total_params": total,
                 "resumed_from": resumed_from,
-                "peak_memory_mb": _peak_memory_mb(device),
             }
             if nodes:
                 metrics["worker_nodes"], nodes = nodes, []
@@ -234,6 +241,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(_evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer, scheduler, step, rank))
                 ckpt_dir = metrics.pop("_ckpt_dir", None)
                 ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+            metrics["peak_memory_mb"] = _peak_memory_mb(device)  # after evaluation, which can be the peak
             if rank == 0:
                 _log(progress, log_path, metrics)
             # Only evaluations go to Ray: in Ray 2.60 report() waits until the controller drains the

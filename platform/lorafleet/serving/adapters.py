@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -219,6 +220,27 @@ except ImportError:  # pragma: no cover
     _LoraModelLoader = object  # type: ignore[assignment,misc]
 
 
+_CACHE_PREFIX = "lorafleet-lora-"
+
+
+def _remove_orphan_caches(tmp: Path) -> None:
+    """Delete ``lorafleet-lora-<pid>-*`` folders whose process no longer exists on this machine."""
+    for d in tmp.glob(f"{_CACHE_PREFIX}*-*"):
+        pid = d.name[len(_CACHE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
     """Ray Serve LLM's LoRA loader (``LLMServer(model_downloader=...)``) for the lorafleet registry.
 
@@ -231,9 +253,13 @@ class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
     def __init__(self, lora_root: str | None = None, download_timeout_s: float | None = None,
                  max_tries: int = 1) -> None:
         # A private cache per replica process, so replicas never share (or delete) each other's files.
-        root = lora_root or tempfile.mkdtemp(prefix="lorafleet-lora-")
-        super().__init__(lora_root=root, download_timeout_s=download_timeout_s, max_tries=max_tries)
-        atexit.register(shutil.rmtree, root, True)
+        # A replica killed by Serve never runs atexit, so each new one first removes the caches of
+        # replicas whose process is gone (the pid is in the folder name).
+        if lora_root is None:
+            _remove_orphan_caches(Path(tempfile.gettempdir()))
+            lora_root = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
+        super().__init__(lora_root=lora_root, download_timeout_s=download_timeout_s, max_tries=max_tries)
+        atexit.register(shutil.rmtree, lora_root, True)
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any):
         """Resolve, copy and verify ``<base>:<name>@<version>``; concurrent first uses share one load."""
