@@ -1,5 +1,5 @@
 """Failures: a killed training worker resumes from the last checkpoint (Ray Train FailureConfig),
-and a killed driver is continued with `lorafleet train --resume RUN_DIR`.
+and a killed driver is continued with `lorafleet train --resume RUN_DIR` (a sharded FSDP run).
 
 Ray registers a checkpoint only once every worker has reported it, so these tests kill only after
 the checkpoint shows up in Ray's checkpoint_manager_snapshot.json: the bound we promise is "at
@@ -99,10 +99,13 @@ def test_killed_worker_resumes_from_last_checkpoint(env, home):
 
 
 def test_killed_driver_continues_with_resume(env, home):
+    # Sharded full fine-tuning here (the killed-worker test above covers LoRA under DDP): resuming
+    # must re-shard the checkpoint's full optimizer state onto both ranks.
     run_name = f"kill-driver-{uuid.uuid4().hex[:6]}"
     run_dir = home / "runs" / run_name
     proc = _start(["train", "configs/tiny/classification-lora.yaml", "--quiet",
-                   "--set", f"run.name={run_name}", "--set", "name=kill-driver", *SMALL], env)
+                   "--set", f"run.name={run_name}", "--set", "name=kill-driver", *SMALL,
+                   "--set", "method.name=full", "--set", "scaling.strategy=fsdp", "--set", "train.lr=5e-4"], env)
     registered = _wait_for_checkpoint(proc, run_dir)
     family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -118,7 +121,7 @@ def test_killed_driver_continues_with_resume(env, home):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 60 and summary["registered"] == "kill-driver@1"
+    assert summary["steps"] == 60 and summary["registered"] == "kill-driver@1" and summary["method"] == "full"
     resumed = [r for r in _log(run_dir) if r["resumed_from"] is not None]
     assert resumed and resumed[0]["resumed_from"] >= registered
 

@@ -77,10 +77,18 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def save_artifact(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, out: Path, labels: list[str] | None) -> None:
-    """Write what gets registered: a peft adapter, a full HF model (+ tokenizer), or a head."""
+def save_artifact(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, out: Path, labels: list[str] | None,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write what gets registered: a peft adapter, a full HF model (+ tokenizer), or a head.
+
+    ``state_dict``: the full weights when the model is sharded (FSDP gathers them on rank 0).
+    """
     out.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
+    if state_dict is not None:
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return
     if isinstance(model, HeadClassifier):
         from safetensors.torch import save_file
 
@@ -108,6 +116,32 @@ def _load_trainable(model: torch.nn.Module, cfg: FinetuneConfig, ckpt_model: Pat
         for f in sorted(ckpt_model.glob("*.safetensors")):
             state.update(load_file(f))
         model.load_state_dict(state, strict=False)
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def _wrap_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+    """DDP through Ray Train, or FSDP with one unit per transformer block.
+
+    Ray's ``prepare_model(parallel_strategy="fsdp")`` refuses to run without a GPU, while torch's
+    FSDP runs on CPU (gloo) as well; wrapping here keeps one code path, tested on CPU.
+    """
+    if cfg.scaling.strategy != "fsdp":
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    # transformers names the blocks that must not be split (e.g. LlamaDecoderLayer).
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
+    return FullyShardedDataParallel(
+        model.to(device), device_id=device, use_orig_params=True,
+        auto_wrap_policy=ModuleWrapPolicy(blocks) if blocks else None,
+    )
 
 
 def _lr_lambda(cfg: FinetuneConfig):
@@ -155,10 +189,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.grad_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
         base.gradient_checkpointing_enable()
     trainable, total = count_params(model)
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy="fsdp" if cfg.scaling.strategy == "fsdp" else "ddp"
-    )
+
+    # Resume: after a worker failure Ray hands every worker the latest registered checkpoint.
+    # Weights load before wrapping, while every rank still holds the whole model.
+    step, resumed_from, state = 0, None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _load_trainable(model, cfg, Path(d) / MODEL_DIR)
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+
     device = ray.train.torch.get_device()
+    model = _wrap_model(model, cfg, device)
     # Where each rank runs (shown once in the log; the 2-node test checks one worker per node).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
@@ -168,14 +210,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
-    # Resume: after a worker failure Ray hands every worker the latest registered checkpoint.
-    step, resumed_from = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _load_trainable(model, cfg, Path(d) / MODEL_DIR)
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        optim_state = state["optimizer"]
+        if _is_fsdp(model):  # saved unsharded (see _evaluate_and_checkpoint): shard it for this rank
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            optim_state = FullyShardedDataParallel.optim_state_dict_to_load(model, optimizer, optim_state)
+        optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(state["scheduler"])
         step = resumed_from = state["step"]
 
@@ -185,6 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu else torch.autocast("cpu", enabled=False)
     is_head = isinstance(_unwrap(model), HeadClassifier)
+    sharded = _is_fsdp(model)
     epoch = 0
     window_tokens, window_start, window_step = 0, time.perf_counter(), step
 
@@ -212,7 +254,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             micro += 1
             if micro % cfg.train.grad_accum:
                 continue
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            if sharded:  # each rank holds a shard of the gradients: FSDP computes the global norm
+                model.clip_grad_norm_(cfg.train.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -261,18 +306,37 @@ def _evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, opti
     # Rank 0 scores the validation rows and writes the checkpoint; the score is broadcast so every
     # rank reports the same metrics (Ray attaches rank 0's to the checkpoint).
     out: dict[str, Any] = {}
+    model_state, optim_state = None, None
+    if _is_fsdp(model):
+        # Sharded: every rank takes part in gathering the full weights and optimizer state onto
+        # rank 0, which then saves them and scores a plain copy (a sharded forward would need
+        # every rank in each step of generation).
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        offload = next(model.parameters()).device.type == "cuda"  # on CPU, torch 2.13 segfaults with it
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True)):
+            model_state = model.state_dict()
+            optim_state = FSDP.optim_state_dict(model, optimizer)
     if rank == 0:
-        rows = val_rows[: cfg.train.eval_samples]
-        scores = evaluate_rows(_unwrap(model), tokenizer, task, rows, labels) if rows else {}
-        out.update({f"val_{k}": v for k, v in scores.items()})
         d = Path(tempfile.mkdtemp(prefix="lorafleet-ckpt-"))
-        save_artifact(model, tokenizer, cfg, d / MODEL_DIR, labels)
+        save_artifact(model, tokenizer, cfg, d / MODEL_DIR, labels, state_dict=model_state)
+        scored = _unwrap(model)
+        if model_state is not None:
+            scored = load_model(str(d / MODEL_DIR), cfg.model.dtype).to(next(model.parameters()).device)
+        rows = val_rows[: cfg.train.eval_samples]
+        scores = evaluate_rows(scored, tokenizer, task, rows, labels) if rows else {}
+        out.update({f"val_{k}": v for k, v in scores.items()})
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+            {"optimizer": optim_state if optim_state is not None else optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step},
             d / STATE_FILE,
         )
         (d / "config.yaml").write_text(dump_config(cfg))
         out["_ckpt_dir"] = str(d)
+        del scored
         _unwrap(model).train()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         holder = [{k: v for k, v in out.items() if k != "_ckpt_dir"}]
