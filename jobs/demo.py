@@ -113,12 +113,18 @@ def serve_and_call(rows: list[dict[str, Any]], home: Path) -> None:
                 console.print(f"[bold]POST {route}[/bold] {json.dumps(body)}", soft_wrap=True)
                 console.print(f"  -> {answer.status_code} {answer.text}", soft_wrap=True)
                 console.print(f"     reference answer: {task.target(row)!r}", soft_wrap=True)
-        first = rows[0]["registered"]
+        # The OpenAI-compatible API: the server applies the base model's chat template, which is
+        # the prompt contract the adapter was trained on, so the first task's instruction works as is.
+        first = rows[0]
+        task = get_task(first["task"])
+        row = read_split("synthetic", task, "test", synthetic_n=2, seed=load_config(first["config"], [], home).data.seed)[1].row
         openai = OpenAI(base_url=f"{url}/v1", api_key="unused")
-        out = openai.completions.create(model=first, prompt="Classify the support ticket.\nTicket: my card was charged twice\nLabel:\n",
-                                        max_tokens=8, temperature=0)
-        console.print(f"[bold]openai.completions.create[/bold](model={first!r}) -> {out.model}: {out.choices[0].text!r}",
-                      soft_wrap=True)
+        out = openai.chat.completions.create(model=first["registered"], max_tokens=16, temperature=0,
+                                             messages=[{"role": "user", "content": task.instruction(row)}])
+        console.print(f"[bold]openai.chat.completions.create[/bold](model={first['registered']!r}, "
+                      f"messages=[{{'role': 'user', 'content': {task.instruction(row)!r}}}])", soft_wrap=True)
+        console.print(f"  -> {out.model}: {out.choices[0].message.content!r}", soft_wrap=True)
+        console.print(f"     reference answer: {task.target(row)!r}", soft_wrap=True)
     finally:
         serve.shutdown()
         ray.shutdown()
