@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--port", type=int, default=18123)
+    parser.add_argument("--access-log", action="store_true", help="keep Ray Serve's per-request access logs on")
     parser.add_argument("--raw-job", help=argparse.SUPPRESS)  # internal: the raw-vLLM child process
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -177,7 +178,7 @@ def main() -> None:
     srv_tps = {k: med(v) for k, v in served.items()}
     async_tps = {k: med(v) for k, v in online["samples"].items()}
     result = {
-        "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats,
+        "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats, "access_log": args.access_log,
         "load_avg_start_end": [load_start, _load()], "wall_s": round(time.perf_counter() - t0, 1),
         "raw_vllm_tok_s": {k: round(v, 1) for k, v in raw_tps.items()},
         "raw_vllm_samples": {k: [round(x, 1) for x in v] for k, v in raw["samples"].items()},
@@ -212,9 +213,13 @@ def _served(args, home: Path, entries, prompts) -> tuple[dict[str, list[float]],
     ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=str(ray_tmp),
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        # As serve/config.yaml ships it: no per-request access log lines (proxy, ingress and engine
+        # replica each write one per request); --access-log turns them on (no measurable difference
+        # in throughput here, bench/SERVE_RESULTS.md).
+        logging_config = {"enable_access_log": args.access_log}
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=logging_config)
         serve.run(build_app({"home": str(home), "max_loras": 4, "max_tokens": max(256, args.tokens)}),
-                  name="bench", route_prefix="/")
+                  name="bench", route_prefix="/", logging_config=logging_config)
         names = [e.name for e in entries]
         limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=600, limits=limits) as client, \

@@ -1,4 +1,4 @@
-"""End-to-end serving: one Serve app (real Ray Serve LLM + vLLM CPU engine) per module.
+"""End-to-end serving: `lorafleet serve CONFIG` (real Ray Serve LLM + vLLM CPU engine), once per module.
 
 The two served adapters are trained for real (classification and summarization, by the session's
 `trained` fixture, which the task-adapter acceptance tests share) and copied into this module's
@@ -12,13 +12,19 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
+import yaml
+
+from conftest import LORAFLEET, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +55,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, trained, home, base_model):
-    """Registry with two trained adapters (two tasks), the Serve app on local Ray, and the tokenizer."""
-    import ray
-    from ray import serve
-
+    """Registry with two trained adapters (two tasks), `lorafleet serve` running it, and the tokenizer."""
     from lorafleet.base_model import load_tokenizer
     from lorafleet.data import prompt_ids
     from lorafleet.registry import Registry
-    from lorafleet.serving.app import build_app
 
     trained_reg = Registry(home / "registry")
     served = {}
@@ -71,21 +73,30 @@ def stack(tmp_path_factory, trained, home, base_model):
     a = reg.register("tickets-lora", *served["tickets-lora"])
     b = reg.register("notes-lora", *served["notes-lora"])
 
-    # A short temp dir: Ray's socket paths must stay under 107 characters.
-    ray_tmp = Path("/tmp") / f"lfs-{os.getpid()}"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=str(ray_tmp),
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    # Started the way users start it: `lorafleet serve CONFIG` (its own local Ray), in a subprocess.
     port = _free_port()
+    config = serve_home / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
+            "logging_config": {"enable_access_log": False},
+            "args": {"model_id": "tiny", "base_model": "${home}/models/tiny",
+                     "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
+                     "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY]},
+        }],
+    }))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (serve_home / "serve.log").open("w")
+    started = time.time()
+    proc = subprocess.Popen([LORAFLEET, "serve", str(config), "--home", str(serve_home), "--num-cpus", "4"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = {
-            "home": str(serve_home), "model_id": "tiny", "base_model": "${home}/models/tiny",
-            "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
-            "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY],
-        }
-        started = time.time()
-        serve.run(build_app(settings), name="lorafleet", route_prefix="/")
-        print(f"serve.run ready in {time.time() - started:.1f} s")
+        while "lorafleet serving at" not in (serve_home / "serve.log").read_text():
+            assert proc.poll() is None, (serve_home / "serve.log").read_text()[-5000:]
+            assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
+            time.sleep(1)
+        print(f"lorafleet serve ready in {time.time() - started:.1f} s")
         tok = load_tokenizer(str(base))
         prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: {t}\nLabel:\n") for t in TEXTS]
         yield {
@@ -94,10 +105,20 @@ def stack(tmp_path_factory, trained, home, base_model):
         }
     finally:
         try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        proc.send_signal(signal.SIGTERM)  # the CLI shuts Serve and its Ray down
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pass
+        for p in family:  # whatever did not stop with it
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        log.close()
 
 
 @pytest.fixture(scope="module")

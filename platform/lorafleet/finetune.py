@@ -227,8 +227,11 @@ def finetune(
         shutil.copytree(Path(d) / MODEL_DIR, model_dir)
     test_metrics: dict[str, float] = {}
     if task.name != "text":
-        model, tok, _ = load_for_eval(model_dir, cfg.model.name_or_path)
-        test_metrics = evaluate_rows(model, tok, task, test_rows, labels)
+        if cfg.scaling.use_gpu:  # a GPU run is scored on a GPU (the driver may have none), from storage
+            score = ray.remote(num_gpus=1, num_cpus=cfg.scaling.cpus_per_worker)(score_checkpoint)
+            test_metrics = ray.get(score.remote(best, cfg, test_rows, labels))
+        else:
+            test_metrics = score_checkpoint(best, cfg, test_rows, labels)
 
     summary = RunSummary(
         run_name=run_name,
@@ -254,6 +257,18 @@ def finetune(
     if run_dir is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
     return summary
+
+
+def score_checkpoint(checkpoint: Any, cfg: FinetuneConfig, rows: list[dict[str, Any]],
+                     labels: list[str] | None) -> dict[str, float]:
+    """The task's metrics for a Ray Train checkpoint's model on ``rows`` (the test split)."""
+    import torch
+
+    with checkpoint.as_directory() as d:
+        model, tok, _ = load_for_eval(Path(d) / MODEL_DIR, cfg.model.name_or_path)
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        model = model.to("cuda")
+    return evaluate_rows(model, tok, get_task(cfg.task.name), rows, labels)
 
 
 def _mean(xs: list[float]) -> float:

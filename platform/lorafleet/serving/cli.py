@@ -44,16 +44,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from lorafleet.serving.app import build_app
+    from lorafleet.serving.settings import load_settings
 
-    app = build_app(settings)  # validates the config before anything starts
+    load_settings(settings)  # every config problem is reported before anything starts
+    # Ray first: building the Serve application connects to Ray, and would otherwise start a
+    # default local instance that the explicit init below then collides with.
     if args.address:
         ray.init(address=args.address)
     else:
         # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    app = build_app(settings)
+    # The application's logging_config, as `serve run` applies it (also to the HTTP proxy here).
+    logging_config = app_cfg.get("logging_config")
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))},
+                logging_config=logging_config)
     started = time.time()
-    serve.run(app, name=app_cfg.get("name", "lorafleet"), route_prefix=app_cfg.get("route_prefix", "/"))
+    serve.run(app, name=app_cfg.get("name", "lorafleet"), route_prefix=app_cfg.get("route_prefix", "/"),
+              logging_config=logging_config)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"lorafleet serving at {url} (ready in {time.time() - started:.0f} s); Ctrl-C stops it", flush=True)
     stop = {"now": False}
