@@ -85,10 +85,6 @@ def save_artifact(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, out: P
     """
     out.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
-    if state_dict is not None:
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        return
     if isinstance(model, HeadClassifier):
         from safetensors.torch import save_file
 
@@ -96,8 +92,8 @@ def save_artifact(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, out: P
         (out / "head.json").write_text(json.dumps({"labels": labels, "base_model": cfg.model.name_or_path}))
     elif cfg.method.name == "lora":
         model.save_pretrained(out, safe_serialization=True)  # adapter weights + adapter_config.json only
-    else:
-        model.save_pretrained(out, safe_serialization=True)
+    else:  # full or partial; FSDP (full only) passes the gathered weights
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
 
