@@ -97,6 +97,9 @@ def stack(tmp_path_factory, trained, home, base_model):
             assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
             time.sleep(1)
         print(f"lorafleet serve ready in {time.time() - started:.1f} s")
+        # `lorafleet serve` runs Ray Serve's throughput-optimized mode with HAProxy in front
+        # (SERVE_FAST_PATH_ENV): every test below goes through that path.
+        assert "HAProxy is enabled" in (serve_home / "serve.log").read_text()
         tok = load_tokenizer(str(base))
         prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: {t}\nLabel:\n") for t in TEXTS]
         yield {

@@ -236,3 +236,26 @@ def test_engine_logprobs_mode_must_stay_raw():
     assert llm_config_from(ServeSettings()).engine_kwargs["enable_lora"] is True
     with pytest.raises(ValueError, match="raw_logprobs"):
         llm_config_from(ServeSettings(engine_kwargs={"logprobs_mode": "processed_logprobs"}))
+
+
+def test_engine_metrics_setting_reaches_ray_serve_llm():
+    pytest.importorskip("ray.llm")
+    from lorafleet.serving.app import llm_config_from
+    from lorafleet.serving.settings import ServeSettings
+
+    assert llm_config_from(ServeSettings()).log_engine_metrics is True  # Ray Serve LLM's default
+    assert llm_config_from(ServeSettings(engine_metrics=False)).log_engine_metrics is False
+
+
+def test_fast_path_env_names_exist_in_ray_serve():
+    """SERVE_FAST_PATH_ENV names flags Ray Serve actually reads (a renamed flag would be a silent no-op)."""
+    import inspect
+
+    from ray.serve._private import constants
+
+    from lorafleet.serving.cli import SERVE_FAST_PATH_ENV
+
+    source = inspect.getsource(constants)
+    for key in SERVE_FAST_PATH_ENV:
+        assert f'"{key}"' in source, key
+

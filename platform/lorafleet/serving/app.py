@@ -462,6 +462,7 @@ def llm_config_from(settings: ServeSettings):
         lora_config={"max_num_adapters_per_replica": settings.max_loras},
         deployment_config={"num_replicas": settings.num_replicas},
         experimental_configs={REGISTRY_ROOT_KEY: str(settings.registry_root())},
+        log_engine_metrics=settings.engine_metrics,
         runtime_env={"env_vars": env},
         **({"accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 1}]}}
            if cpu else {}),

@@ -53,6 +53,9 @@ class ServeSettings(BaseModel):
     dtype: str = "float32"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    engine_metrics: bool = Field(
+        default=True, description="vLLM's engine metrics on Ray's metrics port (Ray Serve LLM's "
+        "log_engine_metrics): recorded through Ray's metrics API on every engine step.")
     api_keys: list[str] = Field(default_factory=list, description=f"Bearer keys; also ${API_KEYS_ENV}.")
     rag: RagSettings = Field(default_factory=RagSettings)
 
