@@ -78,6 +78,10 @@ def serve_and_call(rows: list[dict[str, Any]], home: Path) -> None:
     """Serve every adapter just trained and call each task endpoint once, on a test example."""
     import httpx
     from openai import OpenAI
+
+    from lorafleet.serving.cli import use_serve_fast_path
+
+    use_serve_fast_path()  # as `lorafleet serve` does: HAProxy in front, before this Ray starts
     from ray import serve
 
     from lorafleet.serving.app import build_app

@@ -248,14 +248,15 @@ def test_engine_metrics_setting_reaches_ray_serve_llm():
 
 
 def test_fast_path_env_names_exist_in_ray_serve():
-    """SERVE_FAST_PATH_ENV names flags Ray Serve actually reads (a renamed flag would be a silent no-op)."""
+    """The env of the fast path names flags Ray Serve actually reads (a renamed flag would be a
+    silent no-op)."""
     import inspect
 
     from ray.serve._private import constants
 
-    from lorafleet.serving.cli import SERVE_FAST_PATH_ENV
+    from lorafleet.serving.cli import LOCAL_SERVE_ENV, SERVE_FAST_PATH_ENV
 
     source = inspect.getsource(constants)
-    for key in SERVE_FAST_PATH_ENV:
+    for key in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}:
         assert f'"{key}"' in source, key
 

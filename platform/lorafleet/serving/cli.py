@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_subcommands", "SERVE_FAST_PATH_ENV"]
+__all__ = ["add_subcommands", "LOCAL_SERVE_ENV", "SERVE_FAST_PATH_ENV", "use_serve_fast_path"]
 
 # Ray Serve's throughput-optimized mode with HAProxy in front: HTTP goes from HAProxy (C) straight
 # to the ingress replica's own HTTP server instead of through Ray's Python proxy actor and an
 # actor call; user code runs on the replica's main event loop; deployment handles use gRPC.
 # Measured on a 2-core CPU machine (bench/SERVE_RESULTS.md): the serving path's CPU per request
-# roughly halves and sustained throughput rises by about a third. Set any of them to "0" to opt out.
+# fell from 31-33 ms to 9-17 ms. Values already in the environment win (the first two "0": Ray's
+# default path).
 SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -24,6 +25,26 @@ SERVE_FAST_PATH_ENV = {
     # logs are off in serve/config.yaml, so this is not per request).
     "RAY_SERVE_LOG_TO_STDERR": "1",
 }
+
+
+# Only for the local Ray that `lorafleet serve` starts on one machine: with direct ingress, a stopping
+# ingress replica stays reachable for 30 s by default so an external load balancer can deregister it,
+# which made every local shutdown wait 30 s. Here the only balancer is Ray's own HAProxy on this
+# machine, which retries a refused connection on another replica (Ray's replica.py,
+# _drain_behind_haproxy); a cluster keeps Ray's default (cluster.yaml does not set it).
+LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
+def use_serve_fast_path() -> None:
+    """Put SERVE_FAST_PATH_ENV and LOCAL_SERVE_ENV into this process's environment (values already
+    set win).
+
+    Every Ray process reads these when it starts: call this before the local Ray that will serve is
+    started (``ray.init``) and before ``ray.serve`` is imported here.
+    """
+    for key, value in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}.items():
+        os.environ.setdefault(key, value)
+
 
 _TASK_ROUTES = {
     "classify": ("/v1/classify", "text"),
@@ -53,10 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http["host"] = args.host
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.address:
-        # Read by every Ray process at import, so it must be set before the local Ray starts; a
-        # cluster gets it from its `ray start` environment (cluster.yaml). Explicit values win.
-        for key, value in SERVE_FAST_PATH_ENV.items():
-            os.environ.setdefault(key, value)
+        # Before the local Ray starts; a cluster gets these from its `ray start` env (cluster.yaml).
+        use_serve_fast_path()
 
     import ray
     from ray import serve
