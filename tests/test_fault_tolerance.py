@@ -41,17 +41,6 @@ def _registered_steps(run_dir: Path) -> list[int]:
     return [r["metrics"]["step"] for r in results]
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 400) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}"
-        steps = _registered_steps(run_dir)
-        if steps:
-            return max(steps)
-        time.sleep(0.1)
-    raise AssertionError(f"no checkpoint registered in {run_dir} within {timeout}s")
-
-
 def _logged_step(run_dir: Path) -> int:
     """The last step rank 0 finished (train_log.jsonl gets a line per step with log_every=1)."""
     try:
@@ -66,19 +55,26 @@ def _logged_step(run_dir: Path) -> int:
     return 0
 
 
-def _wait_between_checkpoints(proc: subprocess.Popen, run_dir: Path, timeout: float = 400) -> int:
-    """Wait until Ray has registered the newest checkpoint the run reported, while rank 0 is still a
-    few steps short of the next one; return that checkpoint's step. A kill then is the bound's first
-    case (docs/RELIABILITY.md); killed in the window between a report and its registration, the run
-    would resume from the checkpoint before, which is the second case, and redo more."""
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, *, before_next: bool = False,
+                         timeout: float = 400) -> int:
+    """Wait until Ray has registered a checkpoint; return the newest registered step.
+
+    With ``before_next``, also wait until that is the newest checkpoint the run reported: rank 0 is
+    still a few steps short of the next one. A kill then is the bound's first case
+    (docs/RELIABILITY.md); killed between a report and its registration, the run would resume from
+    the checkpoint before, which is the second case, and redo more.
+    """
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"training ended early:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}"
-        steps = _registered_steps(run_dir)
-        if steps and max(steps) < MAX_STEPS and _logged_step(run_dir) <= max(steps) + INTERVAL - 3:
-            return max(steps)
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint registered before the next was reported in {run_dir} within {timeout}s")
+        newest = max(_registered_steps(run_dir), default=None)
+        if newest is not None and not before_next:
+            return newest
+        if newest is not None and newest < MAX_STEPS and _logged_step(run_dir) <= newest + INTERVAL - 3:
+            return newest
+        time.sleep(0.02 if before_next else 0.1)
+    raise AssertionError(f"no checkpoint registered{' before the next was reported' if before_next else ''} "
+                         f"in {run_dir} within {timeout}s")
 
 
 def _train_workers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -106,12 +102,12 @@ def test_killed_worker_resumes_from_last_checkpoint(env, home):
     run_name = f"kill-worker-{uuid.uuid4().hex[:6]}"
     run_dir = home / "runs" / run_name
     # Steps take ~0.05 s here, so 20 of them are shorter than Ray's default 2 s poll and a checkpoint
-    # would often be registered only after the next was reported. Polling every 0.25 s leaves a
+    # could be registered only after the next was reported. Polling every 0.25 s leaves a
     # window in which the newest reported checkpoint is registered: the case this test pins down.
     env = {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
     proc = _start(["train", "configs/tiny/classification-lora.yaml", "--quiet", "--json",
                    "--set", f"run.name={run_name}", "--set", "name=kill-worker", *SMALL], env)
-    registered = _wait_between_checkpoints(proc, run_dir)
+    registered = _wait_for_checkpoint(proc, run_dir, before_next=True)
     workers = _train_workers(proc)
     assert len(workers) == 2, [w.cmdline() for w in workers]
     workers[-1].kill()
