@@ -91,12 +91,19 @@ def stack(tmp_path_factory, trained, home, base_model):
     started = time.time()
     proc = subprocess.Popen([LORAFLEET, "serve", str(config), "--home", str(serve_home), "--num-cpus", "4"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    health = []  # (status code or None = no answer, body) of /healthz probes while it starts
     try:
         while "lorafleet serving at" not in (serve_home / "serve.log").read_text():
             assert proc.poll() is None, (serve_home / "serve.log").read_text()[-5000:]
             assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                health.append((r.status_code, r.json()))
+            except (httpx.HTTPError, ValueError):
+                health.append((None, None))
             time.sleep(1)
-        print(f"lorafleet serve ready in {time.time() - started:.1f} s")
+        seen = {str(code): sum(1 for c, _ in health if c == code) for code in dict.fromkeys(c for c, _ in health)}
+        print(f"lorafleet serve ready in {time.time() - started:.1f} s; /healthz while starting, in order: {seen}")
         # `lorafleet serve` runs Ray Serve's throughput-optimized mode with HAProxy in front
         # (SERVE_FAST_PATH_ENV): every test below goes through that path.
         assert "HAProxy is enabled" in (serve_home / "serve.log").read_text()
@@ -105,6 +112,7 @@ def stack(tmp_path_factory, trained, home, base_model):
         yield {
             "url": f"http://127.0.0.1:{port}", "home": serve_home, "base": base, "registry": reg,
             "adapters": {"tickets-lora": a, "notes-lora": b}, "tok": tok, "prompts": prompts, "work": work,
+            "startup_health": health,
         }
     finally:
         try:
@@ -164,6 +172,16 @@ def test_healthz_open_and_models_listed(stack):
         ids = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
     assert {"tiny", "tickets-lora", "notes-lora"} <= set(ids)
     assert ids["tickets-lora"]["metadata"]["ref"] == "tickets-lora@1"
+
+
+def test_healthz_says_starting_until_the_engine_answers(stack):
+    """Ray Serve routes to the ingress while vLLM's engine is still starting: /healthz must say so
+    (503 "starting") instead of "ok", and once it said "ok" it keeps saying it."""
+    answers = [(code, body) for code, body in stack["startup_health"] if code is not None]
+    assert (503, {"status": "starting", "model": "tiny"}) in answers, stack["startup_health"]
+    assert {code for code, _ in answers} <= {200, 503}, answers  # never a 500 while it starts
+    first_ok = next((i for i, (code, _) in enumerate(answers) if code == 200), len(answers))
+    assert all(code == 200 for code, _ in answers[first_ok:]), answers
 
 
 def test_completions_equal_transformers_peft_in_one_mixed_batch(stack, reference):

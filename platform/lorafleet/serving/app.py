@@ -68,6 +68,7 @@ from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fas
 __all__ = ["build_app", "LorafleetIngress", "make_fastapi_app", "llm_config_from"]
 
 OPEN_PATHS = ("/healthz",)
+HEALTH_TIMEOUT_S = 2.0  # /healthz's wait for the engine replica before it answers 503 "starting"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
     for code, what in {
@@ -159,6 +160,7 @@ class LorafleetIngress(OpenAiIngress):
         self.tasks = {name: get_task(name) for name in ("classification", "summarization", "translation", "qa")}
         self.metrics = RequestMetrics()
         self._collections: dict[str, tuple[float, Any]] = {}
+        self._engine_ready = False
 
     # ----- model names -----------------------------------------------------------------------
 
@@ -409,8 +411,22 @@ class LorafleetIngress(OpenAiIngress):
 
     # ----- operations ------------------------------------------------------------------------
 
-    async def healthz(self) -> HealthResponse:
-        return HealthResponse(status="ok", model=self.base_id)
+    async def healthz(self) -> Response:
+        """200 once the engine replica has answered a health check; 503 ``starting`` before that.
+
+        Ray Serve puts this ingress in front of clients while vLLM's engine is still starting
+        (requests then wait in the handle's queue), so without this a load balancer's probe says
+        "ready" tens of seconds early. Readiness latches: later probes never queue behind requests.
+        """
+        if not self._engine_ready:
+            try:
+                handle = self._default_serve_handles[self.base_id]
+                await asyncio.wait_for(handle.check_health.remote(), timeout=HEALTH_TIMEOUT_S)
+                self._engine_ready = True
+            except Exception:  # not started yet (timeout) or its health check failed
+                body = HealthResponse(status="starting", model=self.base_id)
+                return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(HealthResponse(status="ok", model=self.base_id).model_dump())
 
     async def metrics_text(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -425,7 +441,8 @@ ENDPOINTS = {
     "summarize": lambda app: app.post("/v1/summarize", response_model=SummarizeResponse, responses=_ERRORS),
     "translate": lambda app: app.post("/v1/translate", response_model=TranslateResponse, responses=_ERRORS),
     "qa": lambda app: app.post("/v1/qa", response_model=QAResponse, responses=_ERRORS),
-    "healthz": lambda app: app.get("/healthz", response_model=HealthResponse),
+    "healthz": lambda app: app.get("/healthz", response_model=HealthResponse, responses={
+        503: {"model": HealthResponse, "description": "the engine is still starting"}}),
     "metrics_text": lambda app: app.get("/metrics", response_class=Response),
 }
 
