@@ -20,8 +20,11 @@ closed-loop clients for --seconds, median of --repeats; and the CPU seconds per 
 serving path during the sustained runs (every process of the server except vLLM's EngineCore and
 Worker, which busy-wait, so their CPU time tracks idle capacity, not work). They run A-B-A (vLLM
 server, endpoint, vLLM server again; the vLLM figure is the mean of both), because this machine's
-speed drifts. Then the time to first use of a not-yet-loaded adapter, offline and through the
-endpoint. Prints one JSON object; absolute numbers depend on the machine and its load.
+speed drifts. Each server is measured only at rest: after its warm-up requests the bench waits
+until the server's own CPU stays under 0.3 cores for --rest-windows 2-s windows (Ray goes on
+starting workers and actors for a while after the engine is up). Then the time to first use of a
+not-yet-loaded adapter, offline and through the endpoint. Prints one JSON object; absolute numbers
+depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -191,6 +194,25 @@ def _serving_cpu(root: int) -> float:
     return total
 
 
+async def _wait_quiet(root: int, windows: int, *, window: float = 2.0, below: float = 0.3,
+                      timeout: float = 180) -> dict:
+    """Wait until the server's own CPU (``_serving_cpu``) stays under ``below`` cores for ``windows`` windows.
+
+    A server that answers is not yet a server at rest: an idle ``lorafleet serve`` was seen here
+    using >1 core for ~10 s after its first answer (the engine still starting), then ~0.45 cores
+    for ~10 s after a quiet window (a worker for Ray Serve LLM's telemetry actor), then ~0.14 cores.
+    Measuring in such a tail would charge start-up to throughput, so both servers get the same wait.
+    """
+    start, quiet, levels = time.perf_counter(), 0, []
+    while quiet < windows and time.perf_counter() - start < timeout:
+        cpu0 = _serving_cpu(root)
+        await asyncio.sleep(window)
+        levels.append(round((_serving_cpu(root) - cpu0) / window, 2))
+        quiet = quiet + 1 if levels[-1] < below else 0
+    return {"settle_s": round(time.perf_counter() - start, 1), "cores_per_window": levels,
+            "quiet": quiet >= windows}
+
+
 async def _request(client, model: str, prompt: list[int], tokens: int) -> float:
     start = time.perf_counter()
     r = await client.post("/v1/completions", json={
@@ -210,11 +232,17 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
     mixes = {"base": ["tiny"] * n, "spread": [names[i % 4] for i in range(n)]}
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     out: dict = {"burst": {"base": [], "spread": []}, "sustained": {"base": [], "spread": []},
-                 "cpu_ms_per_request": {"base": [], "spread": []}}
+                 "cpu_ms_per_request": {"base": [], "spread": []},
+                 "cpu_ms_per_request_above_rest": {"base": [], "spread": []}}
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         for model in ["tiny", *names[:4]]:  # warm up, load the 4 spread adapters
             await _request(client, model, prompts[0], 4)
         await asyncio.gather(*[_request(client, "tiny", p, args.tokens) for p in prompts])  # one full wave
+        out["at_rest"] = await _wait_quiet(root, args.rest_windows)
+        # The server's CPU with no requests (Ray's controller, agents, metrics pushes, ...): under
+        # load it is still spent, so it is part of cpu_ms_per_request but not caused by requests.
+        levels = out["at_rest"]["cores_per_window"][-args.rest_windows:] if args.rest_windows else []
+        rest = statistics.mean(levels) if levels else 0.0
         for _ in range(args.repeats):
             for mix, models in mixes.items():
                 start = time.perf_counter()
@@ -236,6 +264,7 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
                 wall, cpu = time.perf_counter() - start, _serving_cpu(root) - cpu0
                 out["sustained"][mix].append(done * args.tokens / wall)
                 out["cpu_ms_per_request"][mix].append(1000 * cpu / done)
+                out["cpu_ms_per_request_above_rest"][mix].append(1000 * (cpu - rest * wall) / done)
         if probes:
             out["loaded_s"] = min([await _request(client, names[0], prompts[1], LOADED_TOKENS) for _ in range(3)])
             out["first_use_s"] = [await _request(client, m, prompts[1], LOADED_TOKENS) for m in probes]
@@ -298,6 +327,9 @@ def main() -> None:
     parser.add_argument("--no-fast-path", action="store_true",
                         help="start the endpoint without Ray Serve's throughput-optimized mode and HAProxy "
                         "(lorafleet.serving.cli.SERVE_FAST_PATH_ENV set to 0)")
+    parser.add_argument("--rest-windows", type=int, default=5,
+                        help="measure a server once its own CPU stayed under 0.3 cores for this many 2-s "
+                        "windows after warm-up (0: right after warm-up, as the bench did before 2026-12-04)")
     parser.add_argument("--child-job", help=argparse.SUPPRESS)  # internal: the in-process vLLM runs
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -350,13 +382,14 @@ def main() -> None:
     off = {m: med(offline["samples"][m]) for m in mixes}
     asy = {m: med(online["samples"][m]) for m in mixes}
     srv = {k: {m: (med(vllm_a[k][m]) + med(vllm_b[k][m])) / 2 for m in mixes}
-           for k in ("burst", "sustained", "cpu_ms_per_request")}
-    ep = {k: {m: med(endpoint[k][m]) for m in mixes} for k in ("burst", "sustained", "cpu_ms_per_request")}
+           for k in ("burst", "sustained", "cpu_ms_per_request", "cpu_ms_per_request_above_rest")}
+    ep = {k: {m: med(endpoint[k][m]) for m in mixes}
+          for k in ("burst", "sustained", "cpu_ms_per_request", "cpu_ms_per_request_above_rest")}
     ratio = lambda a, b: {m: round(a[m] / b[m], 3) for m in mixes}  # noqa: E731
     spread_over_base = lambda x: round(x["spread"] / x["base"], 3)  # noqa: E731
     result = {
         "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats,
-        "sustained_seconds": args.seconds, "access_log": args.access_log,
+        "sustained_seconds": args.seconds, "rest_windows": args.rest_windows, "access_log": args.access_log,
         "endpoint_fast_path": not args.no_fast_path,
         "load_avg_start_end": [load_start, _load()], "wall_s": r1(time.perf_counter() - t0),
         "tok_s": {
@@ -374,8 +407,15 @@ def main() -> None:
                for name, run in (("vllm_server_a", vllm_a), ("endpoint", endpoint), ("vllm_server_b", vllm_b))
                for k in ("burst", "sustained")},
         },
+        # How long each server took to come to rest after its warm-up, and its CPU (cores) meanwhile.
+        "at_rest": {"vllm_server_a": vllm_a["at_rest"], "endpoint": endpoint["at_rest"],
+                    "vllm_server_b": vllm_b["at_rest"]},
         "serving_cpu_ms_per_request": {"vllm_server": {m: round(srv["cpu_ms_per_request"][m], 2) for m in mixes},
                                        "endpoint": {m: round(ep["cpu_ms_per_request"][m], 2) for m in mixes}},
+        # The same less each server's CPU at rest over the run's wall time: the part requests cause.
+        "serving_cpu_ms_per_request_above_rest": {
+            name: {m: round(x["cpu_ms_per_request_above_rest"][m], 2) for m in mixes}
+            for name, x in (("vllm_server", srv), ("endpoint", ep))},
         "endpoint_over_offline_burst": ratio(ep["burst"], off),
         "endpoint_over_vllm_server_burst": ratio(ep["burst"], srv["burst"]),
         "endpoint_over_vllm_server_sustained": ratio(ep["sustained"], srv["sustained"]),
