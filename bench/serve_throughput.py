@@ -209,8 +209,9 @@ async def _wait_quiet(root: int, windows: int, *, window: float = 2.0, below: fl
         await asyncio.sleep(window)
         levels.append(round((_serving_cpu(root) - cpu0) / window, 2))
         quiet = quiet + 1 if levels[-1] < below else 0
+    rest = statistics.mean(levels[-windows:]) if windows and levels else 0.0
     return {"settle_s": round(time.perf_counter() - start, 1), "cores_per_window": levels,
-            "quiet": quiet >= windows}
+            "cores_at_rest": round(rest, 3), "quiet": quiet >= windows}
 
 
 async def _request(client, model: str, prompt: list[int], tokens: int) -> float:
@@ -241,8 +242,7 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
         out["at_rest"] = await _wait_quiet(root, args.rest_windows)
         # The server's CPU with no requests (Ray's controller, agents, metrics pushes, ...): under
         # load it is still spent, so it is part of cpu_ms_per_request but not caused by requests.
-        levels = out["at_rest"]["cores_per_window"][-args.rest_windows:] if args.rest_windows else []
-        rest = statistics.mean(levels) if levels else 0.0
+        rest = out["at_rest"]["cores_at_rest"]
         for _ in range(args.repeats):
             for mix, models in mixes.items():
                 start = time.perf_counter()

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,8 +103,8 @@ def stack(tmp_path_factory, trained, home, base_model):
             except (httpx.HTTPError, ValueError):
                 health.append((None, None))
             time.sleep(1)
-        seen = {str(code): sum(1 for c, _ in health if c == code) for code in dict.fromkeys(c for c, _ in health)}
-        print(f"lorafleet serve ready in {time.time() - started:.1f} s; /healthz while starting, in order: {seen}")
+        seen = dict(Counter(str(code) for code, _ in health))  # in order of first appearance
+        print(f"lorafleet serve ready in {time.time() - started:.1f} s; /healthz while starting: {seen}")
         # `lorafleet serve` runs Ray Serve's throughput-optimized mode with HAProxy in front
         # (SERVE_FAST_PATH_ENV): every test below goes through that path.
         assert "HAProxy is enabled" in (serve_home / "serve.log").read_text()

@@ -424,9 +424,11 @@ class LorafleetIngress(OpenAiIngress):
                 await asyncio.wait_for(handle.check_health.remote(), timeout=HEALTH_TIMEOUT_S)
                 self._engine_ready = True
             except Exception:  # not started yet (timeout) or its health check failed
-                body = HealthResponse(status="starting", model=self.base_id)
-                return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse(HealthResponse(status="ok", model=self.base_id).model_dump())
+                pass
+        ready = self._engine_ready
+        body = HealthResponse(status="ok" if ready else "starting", model=self.base_id)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503,
+                            headers=None if ready else {"Retry-After": "5"})
 
     async def metrics_text(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
