@@ -1,4 +1,9 @@
-"""End-to-end serving: `lorafleet serve CONFIG` (real Ray Serve LLM + vLLM CPU engine), once per module.
+"""End-to-end serving: `lorafleet serve CONFIG` (real Ray Serve LLM + vLLM CPU engine), once per
+ingress mode: `colocated` (the default for one replica: routes and engine in one replica) runs every
+test; `separate` (an ingress deployment in front of the engine, Ray Serve's multiplexed routing; the
+default for several replicas) runs the tests whose code path differs there (engine calls through a
+deployment handle, adapter loading by multiplexed id under concurrency, readiness, errors raised in
+another process, promotion) and skips the rest, whose routes are the same code in both modes.
 
 The two served adapters are trained for real (classification and summarization, by the session's
 `trained` fixture, which the task-adapter acceptance tests share) and copied into this module's
@@ -54,8 +59,13 @@ def _free_port() -> int:
     raise RuntimeError("no free port in 18000-18999")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, trained, home, base_model):
+def _colocated_only(stack) -> None:
+    if stack["mode"] != "colocated":
+        pytest.skip("same route code in both ingress modes: run once, in the default (colocated)")
+
+
+@pytest.fixture(scope="module", params=["colocated", "separate"])
+def stack(request, tmp_path_factory, trained, home, base_model):
     """Registry with two trained adapters (two tasks), `lorafleet serve` running it, and the tokenizer."""
     from lorafleet.base_model import load_tokenizer
     from lorafleet.data import prompt_ids
@@ -84,7 +94,7 @@ def stack(tmp_path_factory, trained, home, base_model):
             "logging_config": {"enable_access_log": False},
             "args": {"model_id": "tiny", "base_model": "${home}/models/tiny",
                      "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
-                     "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY]},
+                     "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY], "ingress": request.param},
         }],
     }))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -92,28 +102,34 @@ def stack(tmp_path_factory, trained, home, base_model):
     started = time.time()
     proc = subprocess.Popen([LORAFLEET, "serve", str(config), "--home", str(serve_home), "--num-cpus", "4"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    health = []  # (status code or None = no answer, body) of /healthz probes while it starts
+    health = []  # (status code or None = no answer, JSON body or text) of /healthz probes while it starts
     try:
         while "lorafleet serving at" not in (serve_home / "serve.log").read_text():
             assert proc.poll() is None, (serve_home / "serve.log").read_text()[-5000:]
             assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
             try:
                 r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-                health.append((r.status_code, r.json()))
-            except (httpx.HTTPError, ValueError):
+                try:
+                    health.append((r.status_code, r.json()))
+                except ValueError:  # HAProxy's own text answers while no replica is up
+                    health.append((r.status_code, r.text))
+            except httpx.HTTPError:
                 health.append((None, None))
             time.sleep(1)
         seen = dict(Counter(str(code) for code, _ in health))  # in order of first appearance
-        print(f"lorafleet serve ready in {time.time() - started:.1f} s; /healthz while starting: {seen}")
+        print(f"lorafleet serve ({request.param}) ready in {time.time() - started:.1f} s; "
+              f"/healthz while starting: {seen}")
         # `lorafleet serve` runs Ray Serve's throughput-optimized mode with HAProxy in front
         # (SERVE_FAST_PATH_ENV): every test below goes through that path.
         assert "HAProxy is enabled" in (serve_home / "serve.log").read_text()
+        deployment = "LorafleetServer:tiny" if request.param == "colocated" else "LorafleetIngress"
+        assert f"ServeReplica:lorafleet:{deployment}" in (serve_home / "serve.log").read_text()
         tok = load_tokenizer(str(base))
         prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: {t}\nLabel:\n") for t in TEXTS]
         yield {
             "url": f"http://127.0.0.1:{port}", "home": serve_home, "base": base, "registry": reg,
             "adapters": {"tickets-lora": a, "notes-lora": b}, "tok": tok, "prompts": prompts, "work": work,
-            "startup_health": health,
+            "startup_health": health, "mode": request.param,
         }
     finally:
         try:
@@ -176,11 +192,18 @@ def test_healthz_open_and_models_listed(stack):
 
 
 def test_healthz_says_starting_until_the_engine_answers(stack):
-    """Ray Serve routes to the ingress while vLLM's engine is still starting: /healthz must say so
-    (503 "starting") instead of "ok", and once it said "ok" it keeps saying it."""
+    """/healthz answers 200 "ok" only once the engine answers, and keeps saying it.
+
+    Before any application is deployed HAProxy itself answers 404 (in both modes). Separate: Ray
+    Serve routes to the ingress while vLLM's engine replica is still starting, so /healthz must say
+    503 "starting" then. Colocated: the routes live in the engine's replica, which Serve puts behind
+    HAProxy only once the engine has started, so there is no "starting" phase to report."""
     answers = [(code, body) for code, body in stack["startup_health"] if code is not None]
-    assert (503, {"status": "starting", "model": "tiny"}) in answers, stack["startup_health"]
-    assert {code for code, _ in answers} <= {200, 503}, answers  # never a 500 while it starts
+    assert {code for code, _ in answers} <= {200, 404, 503}, answers  # never a 500 while it starts
+    assert all("not found" in body for code, body in answers if code == 404), answers  # HAProxy's, no app yet
+    if stack["mode"] == "separate":
+        assert (503, {"status": "starting", "model": "tiny"}) in answers, stack["startup_health"]
+    assert all(body == {"status": "ok", "model": "tiny"} for code, body in answers if code == 200), answers
     first_ok = next((i for i, (code, _) in enumerate(answers) if code == 200), len(answers))
     assert all(code == 200 for code, _ in answers[first_ok:]), answers
 
@@ -223,6 +246,7 @@ def test_64_concurrent_requests_over_two_adapters_and_base(stack, reference):
 
 
 def test_openai_client_completions_chat_streaming(stack, reference):
+    _colocated_only(stack)
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=stack["url"] + "/v1", api_key=API_KEY)
     tok = stack["tok"]
@@ -256,6 +280,7 @@ def test_openai_client_completions_chat_streaming(stack, reference):
 
 
 def test_classify_answers_one_of_the_labels(stack):
+    _colocated_only(stack)
     from lorafleet.tasks import get_task
 
     labels = get_task("classification").labels
@@ -275,6 +300,7 @@ def test_classify_answers_one_of_the_labels(stack):
 def test_classify_matches_label_probs(stack):
     """Served scores equal evaluate.label_probs (transformers+peft, fp32), for an adapter and the
     base model, with both classify requests in flight together (their prefix rows share engine steps)."""
+    _colocated_only(stack)
     from peft import PeftModel
 
     from lorafleet.base_model import load_model
@@ -301,6 +327,7 @@ def test_classify_matches_label_probs(stack):
 
 
 def test_generation_endpoints_and_rag(stack, tmp_path):
+    _colocated_only(stack)
     from lorafleet.serving.rag import index_folder
 
     docs = tmp_path / "docs"
@@ -362,6 +389,8 @@ def test_bad_inputs_get_their_status_codes(stack):
     assert 'lorafleet_requests_total{adapter="tickets-lora@1",endpoint="classify",status="200"}' in metrics \
         or 'adapter="tickets-lora@1"' in metrics
     assert "lorafleet_request_latency_seconds_bucket" in metrics
+    if stack["mode"] == "colocated":  # vLLM's engine metrics, recorded in-process, on the same page
+        assert "\nvllm:generation_tokens_total{" in metrics and "\nvllm:num_requests_running{" in metrics
 
 
 def test_tampered_adapter_is_not_served(stack):
@@ -423,6 +452,7 @@ def test_promotion_while_requests_run(stack):
 
 
 def test_openapi_schema_has_task_models(stack):
+    _colocated_only(stack)
     with _client(stack) as c:
         schema = c.get("/openapi.json").json()
     for path in ("/v1/classify", "/v1/summarize", "/v1/translate", "/v1/qa", "/v1/completions"):

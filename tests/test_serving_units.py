@@ -238,13 +238,25 @@ def test_engine_logprobs_mode_must_stay_raw():
         llm_config_from(ServeSettings(engine_kwargs={"logprobs_mode": "processed_logprobs"}))
 
 
-def test_engine_metrics_setting_reaches_ray_serve_llm():
+def test_ingress_mode_and_engine_metrics_reach_ray_serve_llm():
+    """auto = colocated for one replica, separate for more. Engine metrics: separate, through Ray's
+    metrics API (Ray Serve LLM's log_engine_metrics); colocated, vLLM's own in-process logger (Ray's
+    off, vLLM's stats on), or no stats at all when turned off."""
     pytest.importorskip("ray.llm")
     from lorafleet.serving.app import llm_config_from
     from lorafleet.serving.settings import ServeSettings
 
-    assert llm_config_from(ServeSettings()).log_engine_metrics is True  # Ray Serve LLM's default
-    assert llm_config_from(ServeSettings(engine_metrics=False)).log_engine_metrics is False
+    assert ServeSettings().ingress_mode() == "colocated"
+    assert ServeSettings(num_replicas=2).ingress_mode() == "separate"
+    assert ServeSettings(num_replicas=2, ingress="colocated").ingress_mode() == "colocated"
+    colocated = llm_config_from(ServeSettings())
+    assert colocated.log_engine_metrics is False and "disable_log_stats" not in colocated.engine_kwargs
+    off = llm_config_from(ServeSettings(engine_metrics=False))
+    assert off.log_engine_metrics is False and off.engine_kwargs["disable_log_stats"] is True
+    assert llm_config_from(ServeSettings(ingress="separate")).log_engine_metrics is True  # Ray Serve LLM's default
+    assert llm_config_from(ServeSettings(ingress="separate", engine_metrics=False)).log_engine_metrics is False
+    with pytest.raises(ValueError, match="ingress"):
+        ServeSettings(ingress="sideways")
 
 
 def test_fast_path_env_names_exist_in_ray_serve():

@@ -1,18 +1,26 @@
-"""The Serve application: Ray Serve LLM's vLLM deployment + lorafleet's ingress.
+"""The Serve application: Ray Serve LLM's vLLM server + lorafleet's routes, in one of two shapes.
 
-    client ──HTTP──► LorafleetIngress (FastAPI, num_cpus=0)
-                       ├─ /v1/models, /v1/completions, /v1/chat/completions   (Ray's OpenAiIngress)
-                       ├─ /v1/classify /v1/summarize /v1/translate /v1/qa      (task endpoints)
-                       └─ /healthz, /metrics
-                            │  model id "<base>:<name>@<version>" = Serve multiplexed id
-                            ▼
-                     LLMServer (ray.serve.llm) ── vLLM engine, enable_lora
-                            └─ RegistryLoraLoader: registry version -> verified local copy
+``ingress: colocated`` (the default for one replica): the routes run in the engine's replica.
 
-What is Ray's: the LLMServer deployment, the vLLM engine wiring, multiplexed adapter routing with
-its per-replica LRU, the OpenAI routes (request/response models, streaming). What is ours: the
+    client ──HTTP──► LorafleetServer replica (FastAPI routes below)
+                       └─ RegistryLLMServer (ray.serve.llm LLMServer, in-process) ── vLLM, enable_lora
+
+``ingress: separate`` (the default for several replicas): an ingress deployment in front.
+
+    client ──HTTP──► LorafleetIngress replica (FastAPI routes below, num_cpus=0)
+                       │  model id "<base>:<name>@<version>" = Serve multiplexed id
+                       ▼  (Ray Serve's multiplexed routing: to a replica that holds the adapter)
+                     RegistryLLMServer replicas (ray.serve.llm LLMServer) ── vLLM, enable_lora
+
+Both serve the same routes: /v1/models, /v1/completions, /v1/chat/completions (Ray's OpenAiIngress),
+/v1/classify /v1/summarize /v1/translate /v1/qa (task endpoints), /healthz, /metrics. Adapters
+come from the registry through RegistryLoraLoader (adapters.py) and Serve's per-replica LRU.
+
+What is Ray's: LLMServer and its vLLM engine wiring, multiplexed adapter loading with its LRU (and
+routing, when separate), the OpenAI routes (request/response models, streaming). What is ours: the
 ingress subclass that maps registry names to exact versions (live-alias following), the task
-endpoints, auth, errors, metrics, and the registry loader (adapters.py).
+endpoints, auth, errors, metrics, the registry loader, and holding LLMServer in the ingress's own
+replica when colocated (one process hop less per request: bench/SERVE_RESULTS.md).
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 
-__all__ = ["build_app", "LorafleetIngress", "make_fastapi_app", "llm_config_from"]
+__all__ = ["build_app", "LorafleetIngress", "LorafleetServer", "make_fastapi_app", "llm_config_from"]
 
 OPEN_PATHS = ("/healthz",)
 HEALTH_TIMEOUT_S = 2.0  # /healthz's wait for the engine replica before it answers 503 "starting"
@@ -161,6 +169,7 @@ class LorafleetIngress(OpenAiIngress):
         self.metrics = RequestMetrics()
         self._collections: dict[str, tuple[float, Any]] = {}
         self._engine_ready = False
+        self._engine_registry = None  # vLLM's Prometheus registry, when the engine is in this process
 
     # ----- model names -----------------------------------------------------------------------
 
@@ -420,8 +429,7 @@ class LorafleetIngress(OpenAiIngress):
         """
         if not self._engine_ready:
             try:
-                handle = self._default_serve_handles[self.base_id]
-                await asyncio.wait_for(handle.check_health.remote(), timeout=HEALTH_TIMEOUT_S)
+                await asyncio.wait_for(self._engine_health(), timeout=HEALTH_TIMEOUT_S)
                 self._engine_ready = True
             except Exception:  # not started yet (timeout) or its health check failed
                 pass
@@ -430,8 +438,65 @@ class LorafleetIngress(OpenAiIngress):
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503,
                             headers=None if ready else {"Retry-After": "5"})
 
+    async def _engine_health(self) -> None:
+        await self._default_serve_handles[self.base_id].check_health.remote()
+
     async def metrics_text(self) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        text = self.metrics.render()
+        if self._engine_registry is not None:
+            from prometheus_client import generate_latest
+
+            text += generate_latest(self._engine_registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+class LorafleetServer(LorafleetIngress):
+    """The ingress with the engine in its own replica (``ingress: colocated``).
+
+    Ray Serve LLM's ``LLMServer`` (``RegistryLLMServer``) runs in this replica instead of behind a
+    deployment handle, so a request goes HAProxy -> this replica's HTTP server -> vLLM's AsyncLLM
+    with no Ray hop between processes. Every route is LorafleetIngress's; only ``_get_response``
+    (the engine call) differs. Adapters still load through Serve's multiplexed LRU and the
+    registry loader; what is lost is Serve routing an adapter's requests to the replica that holds
+    it (with several replicas HAProxy balances them), which is why ``auto`` picks this for one replica.
+    """
+
+    async def __init__(self, llm_config: Any, *, settings: dict[str, Any],
+                       model_downloader: type | None = None) -> None:
+        from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+        self.server = RegistryLLMServer.sync_init(llm_config, model_downloader=model_downloader)
+        await self.server.start()  # Serve marks the replica ready (and HAProxy sends it traffic) after this
+        model_id = llm_config.model_id
+        # No deployment handle: the engine is self.server.
+        super().__init__({model_id: None}, {model_id: to_model_metadata(model_id, llm_config)}, settings=settings)
+        self._engine_ready = True
+        if self.settings.engine_metrics:
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+            self._engine_registry = get_prometheus_registry()
+
+    @classmethod
+    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
+        """The engine's resources and placement (Ray's ``build_llm_deployment`` asks for them)."""
+        return RegistryLLMServer.get_deployment_options(llm_config)
+
+    async def check_health(self) -> None:
+        """Serve's replica health check is the engine's (a dead engine gets the replica restarted)."""
+        await self.server.check_health()
+
+    _engine_health = check_health  # /healthz asks the same engine
+
+    async def _get_response(self, *, body: Any, call_method: str, raw_request: Request | None = None):
+        """OpenAiIngress's engine call, made in-process: LLMServer's method instead of a handle's."""
+        from ray.llm._internal.serve.core.protocol import RawRequestInfo
+
+        model_id = await self._get_model_id(body.model)
+        if model_id != self.base_id:  # "<base>:<name>@<version>": load it unless it is loaded
+            await self.server.load_adapter(model_id)
+        info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
+        async for response in await getattr(self.server, call_method)(body, info):
+            yield response
 
 
 ENDPOINTS = {
@@ -455,7 +520,13 @@ ENDPOINTS = {
 
 
 def llm_config_from(settings: ServeSettings):
-    """Ray Serve LLM's LLMConfig for the base model, LoRA enabled, adapters from the registry."""
+    """Ray Serve LLM's LLMConfig for the base model, LoRA enabled, adapters from the registry.
+
+    Engine metrics: separate, through Ray's metrics API (``log_engine_metrics``); colocated, vLLM's
+    own in-process Prometheus logger, whose registry ``/metrics`` serves (``log_engine_metrics``
+    off and vLLM's stats on, the way Ray Serve LLM documents for vLLM's logger). Ray's path cost
+    ~1-2 ms more CPU per request than vLLM's own on a 2-core machine (bench/SERVE_RESULTS.md).
+    """
     from ray.serve.llm import LLMConfig
 
     cpu = settings.accelerator == "cpu"
@@ -473,6 +544,9 @@ def llm_config_from(settings: ServeSettings):
         **({"enforce_eager": True} if cpu else {}),
         **settings.engine_kwargs,
     }
+    colocated = settings.ingress_mode() == "colocated"
+    if colocated and not settings.engine_metrics:
+        engine_kwargs.setdefault("disable_log_stats", True)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)} if cpu else {}
     return LLMConfig(
         model_loading_config={"model_id": settings.model_id, "model_source": settings.base_model_path()},
@@ -481,7 +555,7 @@ def llm_config_from(settings: ServeSettings):
         lora_config={"max_num_adapters_per_replica": settings.max_loras},
         deployment_config={"num_replicas": settings.num_replicas},
         experimental_configs={REGISTRY_ROOT_KEY: str(settings.registry_root())},
-        log_engine_metrics=settings.engine_metrics,
+        log_engine_metrics=settings.engine_metrics and not colocated,
         runtime_env={"env_vars": env},
         **({"accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 1}]}}
            if cpu else {}),
@@ -506,10 +580,16 @@ def build_app(args: dict[str, Any] | ServeSettings | str | Path | None = None):
     if not (base / "config.json").is_file():
         raise ValueError(f"base model {base} not found; build it with `lorafleet base build` or fix base_model")
     llm_config = llm_config_from(settings)
+    app = make_fastapi_app(settings.resolved_api_keys())
+    if settings.ingress_mode() == "colocated":
+        # One deployment: Ray's LLMServer deployment options (engine bundles, health checks), our routes.
+        server_cls = make_fastapi_ingress(LorafleetServer, endpoint_map=ENDPOINTS, app=app)
+        return build_llm_deployment(llm_config, deployment_cls=server_cls, name_prefix="LorafleetServer:",
+                                    bind_kwargs={"model_downloader": RegistryLoraLoader,
+                                                 "settings": settings.model_dump(mode="json")})
     server = build_llm_deployment(llm_config, deployment_cls=RegistryLLMServer, name_prefix="LLMServer:",
                                   bind_kwargs={"model_downloader": RegistryLoraLoader})
-    ingress_cls = make_fastapi_ingress(LorafleetIngress, endpoint_map=ENDPOINTS,
-                                       app=make_fastapi_app(settings.resolved_api_keys()))
+    ingress_cls = make_fastapi_ingress(LorafleetIngress, endpoint_map=ENDPOINTS, app=app)
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
     return serve.deployment(

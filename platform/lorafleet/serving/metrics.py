@@ -1,7 +1,9 @@
 """Prometheus metrics of the ingress: request count and latency per endpoint, adapter and status.
 
-Served as text on ``GET /metrics`` of each ingress replica. Ray's own Serve and vLLM engine
-metrics (queue lengths, tokens/s, ...) are exported on Ray's metrics port as usual.
+Served as text on ``GET /metrics`` of each ingress replica, followed there by vLLM's own engine
+metrics (``vllm:*``: queue lengths, tokens, latencies) when the engine runs in the same replica
+(``ingress: colocated``). Ray Serve's metrics, and vLLM's engine metrics with ``ingress: separate``,
+are exported on Ray's metrics port as usual.
 """
 
 from __future__ import annotations

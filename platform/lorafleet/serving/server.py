@@ -4,6 +4,8 @@ Ray 2.60's ``VLLMEngine.resolve_lora`` checks "already loaded?" and then awaits 
 requests that arrive together for a not-yet-loaded adapter both try to load it, and the second
 fails with vLLM's "adapter has already been loaded" (a 500 for the client). Serializing the
 resolve per adapter id closes that window; everything else is Ray's ``LLMServer`` unchanged.
+``load_adapter`` is that resolve with an explicit id: the colocated ingress (``app.LorafleetServer``)
+holds this server in its own replica and calls it directly, with no multiplexed request context.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ __all__ = ["RegistryLLMServer"]
 
 
 class RegistryLLMServer(LLMServer):
-    """``LLMServer`` whose multiplexed LoRA resolution is serialized per adapter id."""
+    """``LLMServer`` whose LoRA resolution is serialized per adapter id, and callable by id."""
 
     _resolve_locks: dict[str, asyncio.Lock]
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         model_id = serve.get_multiplexed_model_id()
-        if not model_id:
-            return
+        if model_id:
+            await self.load_adapter(model_id)
+
+    async def load_adapter(self, model_id: str) -> None:
+        """Load ``<base>:<name>@<version>`` into the engine unless it is there (Serve's LRU on top)."""
         if not hasattr(self, "_resolve_locks"):
             self._resolve_locks = defaultdict(asyncio.Lock)
         async with self._resolve_locks[model_id]:
-            await super()._maybe_resolve_lora_from_multiplex()
+            disk_lora_model = await self._load_model(model_id)
+            await self.engine.resolve_lora(disk_lora_model)

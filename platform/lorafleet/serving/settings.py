@@ -53,9 +53,17 @@ class ServeSettings(BaseModel):
     dtype: str = "float32"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
     kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    ingress: Literal["auto", "colocated", "separate"] = Field(
+        default="auto",
+        description="Where the HTTP routes run. 'colocated': in the engine's replica (HAProxy -> "
+        "replica -> vLLM in-process; no hop between processes). 'separate': an ingress deployment in "
+        "front of the engine replicas, with Ray Serve's multiplexed routing sending each adapter's "
+        "requests to replicas that hold it. 'auto': colocated for one replica, separate for more.",
+    )
     engine_metrics: bool = Field(
-        default=True, description="vLLM's engine metrics on Ray's metrics port (Ray Serve LLM's "
-        "log_engine_metrics): recorded through Ray's metrics API on every engine step.")
+        default=True, description="vLLM's engine metrics (vllm:* queue lengths, tokens, latencies). "
+        "Colocated: recorded in-process and served on /metrics, as vLLM's own server does. Separate: "
+        "on Ray's metrics port (Ray Serve LLM's log_engine_metrics, through Ray's metrics API).")
     api_keys: list[str] = Field(default_factory=list, description=f"Bearer keys; also ${API_KEYS_ENV}.")
     rag: RagSettings = Field(default_factory=RagSettings)
 
@@ -72,6 +80,13 @@ class ServeSettings(BaseModel):
         return self
 
     # ----- resolved values -----------------------------------------------------------------
+    def ingress_mode(self) -> Literal["colocated", "separate"]:
+        """``ingress`` with ``auto`` resolved: Ray Serve's multiplexed routing only matters when
+        there is more than one engine replica to choose from."""
+        if self.ingress != "auto":
+            return self.ingress
+        return "colocated" if self.num_replicas == 1 else "separate"
+
     def home_path(self) -> Path:
         return Path(self.home or os.environ.get("LORAFLEET_HOME", ".lorafleet")).expanduser().resolve()
 
