@@ -396,10 +396,10 @@ def main() -> None:
     mixes = ("base", "spread")
     off = {m: med(offline["samples"][m]) for m in mixes}
     asy = {m: med(online["samples"][m]) for m in mixes}
-    srv = {k: {m: (med(vllm_a[k][m]) + med(vllm_b[k][m])) / 2 for m in mixes}
-           for k in ("burst", "sustained", "cpu_ms_per_request", "cpu_ms_per_request_above_rest")}
-    ep = {k: {m: med(endpoint[k][m]) for m in mixes}
-          for k in ("burst", "sustained", "cpu_ms_per_request", "cpu_ms_per_request_above_rest")}
+    measures = ("burst", "sustained", "cpu_ms_per_request", "cpu_ms_per_request_above_rest")
+    srv = {k: {m: (med(vllm_a[k][m]) + med(vllm_b[k][m])) / 2 for m in mixes} for k in measures}
+    medians = lambda run: {k: {m: med(run[k][m]) for m in mixes} for k in measures}  # noqa: E731
+    ep = medians(endpoint)
     ratio = lambda a, b: {m: round(a[m] / b[m], 3) for m in mixes}  # noqa: E731
     spread_over_base = lambda x: round(x["spread"] / x["base"], 3)  # noqa: E731
     result = {
@@ -454,9 +454,9 @@ def main() -> None:
         },
     }
     if separate is not None:
-        sep = {k: {m: med(separate[k][m]) for m in mixes} for k in ep}
+        sep = medians(separate)
         result["endpoint_separate_ingress"] = {
-            "tok_s": {f"{k}": {m: r1(sep[k][m]) for m in mixes} for k in ("burst", "sustained")},
+            "tok_s": {k: {m: r1(sep[k][m]) for m in mixes} for k in ("burst", "sustained")},
             "samples": {k: {m: [r1(x) for x in separate[k][m]] for m in mixes} for k in ("burst", "sustained")},
             "at_rest": separate["at_rest"],
             "serving_cpu_ms_per_request": {m: round(sep["cpu_ms_per_request"][m], 2) for m in mixes},
