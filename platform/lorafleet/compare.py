@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lorafleet.config import ConfigError, FinetuneConfig, _format_errors, default_home, dump_config, parse_config
+from lorafleet.config import ConfigError, FinetuneConfig, default_home, dump_config, format_errors, parse_config
 from lorafleet.prompts import PromptTemplate, template_problems
 from lorafleet.tasks import get_task
 
@@ -160,7 +160,7 @@ def parse_compare_config(raw: dict[str, Any], source: str = "<dict>", home: Path
     try:
         cc = CompareConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(source, _format_errors(err)) from None
+        raise ConfigError(source, format_errors(err)) from None
     problems: list[str] = []
 
     base_raw: dict[str, Any] = {}

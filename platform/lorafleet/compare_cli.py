@@ -64,13 +64,13 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     if args.template:
         from pydantic import ValidationError
 
-        from lorafleet.config import ConfigError, _format_errors
+        from lorafleet.config import ConfigError, format_errors
 
         try:
             templates = [PromptTemplate(name=f"--template {i + 1}", instruction=t.replace("\\n", "\n"), k=args.k or 0)
                          for i, t in enumerate(args.template)]
         except ValidationError as err:
-            raise ConfigError("--template", _format_errors(err)) from None
+            raise ConfigError("--template", format_errors(err)) from None
     artifact = args.artifact
     if args.adapter:
         from lorafleet.registry import Registry
