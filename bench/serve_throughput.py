@@ -319,7 +319,7 @@ def _endpoint(work: Path, home: Path, args, env: dict[str, str], ingress: str | 
 
 def _shipped_ingress() -> str:
     """serve/config.yaml's ``ingress``, resolved the way the server resolves it."""
-    from lorafleet.serving.settings import load_settings
+    from lorafleet.config.serve import load_settings
 
     return load_settings(REPO / "serve" / "config.yaml").ingress_mode()
 

@@ -44,7 +44,7 @@ def registry(tmp_path_factory, base) -> Registry:
 
 
 def test_shipped_serve_config_loads():
-    from lorafleet.serving.settings import load_settings
+    from lorafleet.config.serve import load_settings
 
     s = load_settings(Path(__file__).resolve().parents[1] / "serve" / "config.yaml")
     assert s.tasks == {"classification": "tickets-lora"} and s.max_model_len == 512
@@ -53,7 +53,7 @@ def test_shipped_serve_config_loads():
 def test_settings_errors_say_the_fix():
     from pydantic import ValidationError
 
-    from lorafleet.serving.settings import ServeSettings
+    from lorafleet.config.serve import ServeSettings
 
     with pytest.raises(ValidationError, match="unknown task 'sentiment'"):
         ServeSettings(tasks={"sentiment": "x"})
@@ -184,7 +184,7 @@ def test_classify_scores_equal_label_probs_with_a_transformers_engine(registry, 
     from lorafleet.serving.app import LorafleetIngress
     from lorafleet.serving.metrics import RequestMetrics
     from lorafleet.serving.protocol import ClassifyRequest
-    from lorafleet.serving.settings import ServeSettings
+    from lorafleet.config.serve import ServeSettings
     from lorafleet.tasks import get_task
 
     entry = registry.resolve("tickets-lora@1")
@@ -231,7 +231,7 @@ def test_classify_scores_equal_label_probs_with_a_transformers_engine(registry, 
 def test_engine_logprobs_mode_must_stay_raw():
     pytest.importorskip("ray.llm")
     from lorafleet.serving.app import llm_config_from
-    from lorafleet.serving.settings import ServeSettings
+    from lorafleet.config.serve import ServeSettings
 
     assert llm_config_from(ServeSettings()).engine_kwargs["enable_lora"] is True
     with pytest.raises(ValueError, match="raw_logprobs"):
@@ -244,7 +244,7 @@ def test_ingress_mode_and_engine_metrics_reach_ray_serve_llm():
     off, vLLM's stats on), or no stats at all when turned off."""
     pytest.importorskip("ray.llm")
     from lorafleet.serving.app import llm_config_from
-    from lorafleet.serving.settings import ServeSettings
+    from lorafleet.config.serve import ServeSettings
 
     assert ServeSettings().ingress_mode() == "colocated"
     assert ServeSettings(num_replicas=2).ingress_mode() == "separate"

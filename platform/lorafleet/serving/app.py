@@ -60,7 +60,7 @@ from lorafleet.serving.protocol import (
     TranslateResponse,
 )
 from lorafleet.serving.server import RegistryLLMServer
-from lorafleet.serving.settings import ServeSettings, load_settings
+from lorafleet.config.serve import ServeSettings, load_settings
 
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import (

