@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lorafleet.config import ConfigError, FinetuneConfig, apply_overrides, default_home, dump_config, parse_config
 from lorafleet.finetune import init_ray
+from lorafleet.report.sweep import plot, print_table
 
 __all__ = [
     "ParamSpec",
@@ -552,6 +552,8 @@ class SweepReport(BaseModel):
     best: dict[str, Any] | None = None
     registered: str | None = None
     promoted: bool = False
+    # Searched keys computed from another one (tied_to): not in results.json, only for the table.
+    tied: list[str] = Field(default_factory=list, exclude=True)
 
 
 def _read_events(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -571,10 +573,6 @@ def _history(result) -> list[dict[str, Any]]:
     # A trial restarted by --resume reports again from its last checkpoint: keep one row per step.
     by_step = {int(r["step"]): {k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in rows}
     return [by_step[s] for s in sorted(by_step)]
-
-
-def _short(key: str) -> str:
-    return {"method.lora.r": "r", "method.lora.alpha": "alpha", "train.lr": "lr"}.get(key, key.split(".")[-1])
 
 
 def summarize(spec: SweepSpec, grid, wall_time_s: float) -> SweepReport:
@@ -630,7 +628,8 @@ def summarize(spec: SweepSpec, grid, wall_time_s: float) -> SweepReport:
     for i, t in enumerate(trials, start=1):
         t["rank"] = i
     return SweepReport(sweep=spec.sweep.name, sweep_dir=str(sweep_dir), metric=spec.metric, mode=spec.mode,
-                       space=list(spec.sweep.space), wall_time_s=round(wall_time_s, 1), trials=trials)
+                       space=list(spec.sweep.space), wall_time_s=round(wall_time_s, 1), trials=trials,
+                       tied=[k for k, p in spec.sweep.space.items() if p.tied_to is not None])
 
 
 def cfg_value(cfg: FinetuneConfig, dotted: str) -> Any:
@@ -690,109 +689,6 @@ def register_best(spec: SweepSpec, report: SweepReport, promote: bool = False) -
         spec.sweep.registry.name or cfg.name, model_dir, metadata, promote=promote
     )
     return report.model_copy(update={"registered": entry.ref, "promoted": promote})
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.2e}" if (value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4)) else f"{value:.4g}"
-    return str(value)
-
-
-def build_table(report: SweepReport):
-    """The rich table printed at the end of a sweep: best first."""
-    from rich.table import Table
-
-    title = f"sweep {Path(report.sweep_dir).name}: {len(report.trials)} trials, ranked by {report.metric} ({report.mode})"
-    table = Table(title=title)
-    extra = [k for k in report.space if k not in ("method.lora.r", "method.lora.alpha", "train.lr")]
-    for col in ["#", "trial", "r", "alpha", "lr", *[_short(k) for k in extra], report.metric, "best@step",
-                "trainable", "steps", "wall s", "ASHA stop"]:
-        table.add_column(col, justify="right" if col not in ("trial", "ASHA stop") else "left")
-    for t in report.trials:
-        value = t["best_" + report.metric]
-        stopped = {"asha": f"yes @{t['steps']}", "stopped": f"budget @{t['steps']}", "error": "error"}.get(t["status"], "no")
-        table.add_row(
-            str(t["rank"]), t["trial_id"], str(t["lora_r"]), _fmt(t["lora_alpha"]), f"{t['lr']:.2e}",
-            *[_fmt(t["params"][k]) for k in extra],
-            f"{value:.4f}" if value is not None else "-", str(t["best_step"] or "-"),
-            f"{t['trainable_params']:,}", str(t["steps"]), f"{t['wall_time_s']:.0f}", stopped,
-        )
-    return table
-
-
-def _footer(report: SweepReport) -> str:
-    lines = [f"sweep wall time {report.wall_time_s:.0f} s; folder {report.sweep_dir}"]
-    if report.best:
-        b = report.best
-        test = ", ".join(f"{k}={v:.4f}" for k, v in b["test_metrics"].items())
-        lines.append(f"best: {b['trial_id']} (r={b['params'].get('method.lora.r', '-')}, "
-                     f"lr={_fmt(b['params'].get('train.lr', '-'))}) {report.metric}={b[report.metric]:.4f} "
-                     f"at step {b['step']}; test {test}")
-    if report.registered:
-        lines.append(f"registered {report.registered}" + (" (promoted: live)" if report.promoted else ""))
-    return "\n".join(lines)
-
-
-def print_table(report: SweepReport, console=None) -> str:
-    """Print the table and footer; return them as plain text (what table.txt holds)."""
-    from rich.console import Console
-
-    # Piped output (CI logs, `| tee`) defaults to 80 columns, which squeezes the table unreadably.
-    console = console or Console(width=None if Console().is_terminal else 160)
-    console.print(build_table(report))
-    console.print(_footer(report))
-    recorder = Console(record=True, width=160, file=open(os.devnull, "w"))
-    recorder.print(build_table(report))
-    recorder.print(_footer(report))
-    return recorder.export_text()
-
-
-def plot(report: SweepReport, out: Path) -> Path:
-    """Learning curves of every trial (validation metric, training loss) and a rank x lr scatter."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_val, ax_loss, ax_sc) = plt.subplots(1, 3, figsize=(17, 5))
-    cmap = plt.get_cmap("tab10")
-    metric = report.metric
-    for i, t in enumerate(sorted(report.trials, key=lambda t: t["trial_id"])):
-        color = cmap(i % 10)
-        style = "--" if t["stopped_early"] else "-"
-        width = 3 if t["rank"] == 1 else 1.5
-        label = f"#{t['rank']} r={t['lora_r']} lr={t['lr']:.1e}" + (" (ASHA)" if t["status"] == "asha" else "")
-        evals = [h for h in t["history"] if metric in h]
-        ax_val.plot([h["step"] for h in evals], [h[metric] for h in evals], style, marker="o", color=color,
-                    lw=width, label=label)
-        log = Path(report.sweep_dir) / TRIALS_DIR / t["trial_id"] / "train_log.jsonl"
-        if log.is_file():
-            recs = {}
-            for line in log.read_text().splitlines():
-                rec = json.loads(line)
-                recs[rec["step"]] = rec["loss"]  # a resumed trial logs some steps twice: keep the last
-            steps = sorted(recs)
-            ax_loss.plot(steps, [recs[s] for s in steps], style, color=color, lw=width, label=label)
-    ax_val.set(title=f"validation {metric.removeprefix('val_')} (dashed: stopped early)", xlabel="step", ylabel=metric)
-    ax_val.legend(fontsize=7)
-    ax_loss.set(title="training loss (rank 0)", xlabel="step", ylabel="loss", yscale="log")
-    scored = [t for t in report.trials if t["best_" + metric] is not None]
-    sc = ax_sc.scatter([t["lr"] for t in scored], [t["lora_r"] for t in scored], c=[t["best_" + metric] for t in scored],
-                       cmap="viridis", s=160, edgecolors=["red" if t["rank"] == 1 else "black" for t in scored],
-                       linewidths=[2.5 if t["rank"] == 1 else 0.8 for t in scored])
-    for t in scored:
-        ax_sc.annotate(f"#{t['rank']}", (t["lr"], t["lora_r"]), textcoords="offset points", xytext=(8, 6), fontsize=8)
-    ax_sc.set(title=f"rank x learning rate (colour: best {metric})", xlabel="learning rate", ylabel="LoRA rank r",
-              xscale="log", yscale="log")
-    ranks = sorted({t["lora_r"] for t in scored})
-    ax_sc.set_yticks(ranks, [str(r) for r in ranks])
-    ax_sc.minorticks_off()
-    fig.colorbar(sc, ax=ax_sc, label=metric)
-    fig.suptitle(f"sweep {Path(report.sweep_dir).name}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def write_outputs(report: SweepReport, table_text: str) -> None:

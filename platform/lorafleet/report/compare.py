@@ -1,4 +1,5 @@
-"""Reports for the method ladder: a markdown table, a PNG chart and the rows as JSON.
+"""The method ladder's report (a markdown table, a PNG chart and the rows as JSON) and the prompt
+lab's table.
 
 Everything here formats numbers a run measured (`lorafleet.compare.RungResult`); nothing is
 computed that the run did not record, except ratios of recorded numbers.
