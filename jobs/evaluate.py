@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
-from lorafleet.config import default_home
+from lorafleet.config import set_home
 from lorafleet.evaluate import evaluate_artifact
 
 
@@ -27,11 +25,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the metrics JSON here too")
     parser.add_argument("--home")
     args = parser.parse_args()
-    if args.home:
-        os.environ["LORAFLEET_HOME"] = str(Path(args.home).resolve())
+    home = set_home(args.home)
 
     result = evaluate_artifact(args.artifact, config=args.config, overrides=args.set, split=args.split,
-                               home=default_home(), limit=args.limit, out=args.out)
+                               home=home, limit=args.limit, out=args.out)
     print(json.dumps(result))
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
-from lorafleet.config import default_home, load_config
+from lorafleet.config import load_config, set_home
 from lorafleet.finetune import finetune, init_ray, run_dir_config
 
 
@@ -24,9 +22,7 @@ def main() -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--home", help="lorafleet home (default $LORAFLEET_HOME or ./.lorafleet)")
     args = parser.parse_args()
-    if args.home:
-        os.environ["LORAFLEET_HOME"] = str(Path(args.home).resolve())
-    home = default_home()
+    home = set_home(args.home)  # before Ray starts: its workers inherit the home
 
     # 1. Config: validated here, on the driver, before any worker starts.
     cfg = run_dir_config(args.resume) if args.resume else load_config(args.config, args.set, home)

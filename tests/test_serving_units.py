@@ -266,7 +266,7 @@ def test_fast_path_env_names_exist_in_ray_serve():
 
     from ray.serve._private import constants
 
-    from lorafleet.serving.cli import LOCAL_SERVE_ENV, SERVE_FAST_PATH_ENV
+    from lorafleet.cli.serve import LOCAL_SERVE_ENV, SERVE_FAST_PATH_ENV
 
     source = inspect.getsource(constants)
     for key in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}:

@@ -153,13 +153,13 @@ def read_serve_app(path: str | Path) -> ServeApp:
                                "http_options": raw.get("http_options") or {}}, str(path), _EXAMPLE)
 
 
-def load_settings(source: str | Path | dict[str, Any]) -> ServeSettings:
-    """Settings from a dict (the config's ``args``), a Ray Serve config YAML (its first
-    application's ``args``) or a plain YAML of settings.
+def load_settings(source: str | Path | dict[str, Any], name: str = "serve settings") -> ServeSettings:
+    """Settings from a dict (the config's ``args``; `name` says where it came from in errors), a
+    Ray Serve config YAML (its first application's ``args``) or a plain YAML of settings.
 
     Raises:
         ConfigError: every problem of the settings, at once.
     """
     if isinstance(source, dict):
-        return validate(ServeSettings, source, "serve settings", _EXAMPLE)
+        return validate(ServeSettings, source, name, _EXAMPLE)
     return validate(ServeSettings, read_serve_app(source).args, str(source), _EXAMPLE)

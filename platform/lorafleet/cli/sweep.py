@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
 
-__all__ = ["add_subcommands", "cmd_sweep"]
+__all__ = ["add_parser", "cmd_sweep"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lorafleet.cli import home_from
+    from lorafleet.config import default_home
     from lorafleet.sweep import load_sweep, resume_sweep, run_sweep
 
-    home = home_from(args)
     if args.resume:
         report = resume_sweep(args.resume, promote=args.promote)
     elif args.config:
-        report = run_sweep(load_sweep(args.config, args.set, home, name=args.name), promote=args.promote)
+        report = run_sweep(load_sweep(args.config, args.set, default_home(), name=args.name), promote=args.promote)
     else:
         raise SystemExit("lorafleet sweep: give a sweep CONFIG file, or --resume SWEEP_DIR")
     if args.json:
@@ -25,7 +23,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(sub, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `sweep`."""
     p = sub.add_parser("sweep", help="hyperparameter sweep on Ray Tune (ASHA, random/grid/optuna); registers the best")
     p.add_argument("config", nargs="?", help="sweep YAML (see configs/tiny/sweep-classification.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -34,5 +33,4 @@ def add_subcommands(sub, add_common: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not re-run")
     p.add_argument("--promote", action="store_true", help="make the registered winner live")
     p.add_argument("--json", action="store_true", help="also print the summary (winner, registered ref) as one JSON line")
-    add_common(p)
     p.set_defaults(fn=cmd_sweep)

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["add_subcommands", "cmd_compare", "cmd_prompts"]
+__all__ = ["add_parser", "cmd_compare", "cmd_prompts"]
 
 
 def _say(msg: str) -> None:
@@ -16,12 +16,12 @@ def _say(msg: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lorafleet.cli import home_from
-    from lorafleet.compare import load_compare_config, new_output_dir, run_ladder
+    from lorafleet.compare import new_output_dir, run_ladder
+    from lorafleet.config import default_home
+    from lorafleet.config.compare import load_compare_config
     from lorafleet.report import REPORT_FILES
 
-    home = home_from(args)
-    ladder = load_compare_config(args.config, args.set, home)
+    ladder = load_compare_config(args.config, args.set, default_home())
     if args.dry_run:
         for rung, cfg in ladder.rungs.items():
             print(f"{rung}: method={cfg.method.name} steps={cfg.train.max_steps} lr={cfg.train.lr:g} "
@@ -40,45 +40,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _prompt_setup(args: argparse.Namespace, home: Path) -> tuple[Any, list]:
     """(training config, templates) from a compare config or a plain training config."""
-    import yaml
-
-    from lorafleet.config import load_config
-    from lorafleet.compare import load_compare_config
+    from lorafleet.config import load_config, read_yaml
+    from lorafleet.config.compare import load_compare_config
     from lorafleet.prompts import default_templates
 
-    raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
-    if isinstance(raw, dict) and ({"base", "base_config", "rungs"} & raw.keys()):
+    raw = read_yaml(args.config) if Path(args.config).is_file() else {}
+    if {"base", "base_config", "rungs"} & raw.keys():
         ladder = load_compare_config(args.config, args.set, home)
         cfg = next(iter(ladder.rungs.values()))
         return cfg, ladder.config.prompts or default_templates(ladder.config.few_shot_k)
     return load_config(args.config, args.set, home), default_templates(args.k or 3)
 
 
+def _artifact(args: argparse.Namespace, home: Path) -> str | None:
+    """The folder to prompt: --adapter resolved (and verified) in the registry, else --artifact."""
+    if not args.adapter:
+        return args.artifact
+    from lorafleet.registry import Registry
+
+    reg = Registry(home / "registry")
+    entry = reg.resolve(args.adapter)
+    reg.verify(entry)
+    return str(entry.path)
+
+
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from lorafleet.cli import home_from
+    from lorafleet.config import default_home, validate
     from lorafleet.prompts import PromptTemplate, run_prompt_lab
     from lorafleet.report import prompt_table
 
-    home = home_from(args)
+    home = default_home()
     cfg, templates = _prompt_setup(args, home)
     if args.template:
-        from pydantic import ValidationError
-
-        from lorafleet.config import ConfigError, format_errors
-
-        try:
-            templates = [PromptTemplate(name=f"--template {i + 1}", instruction=t.replace("\\n", "\n"), k=args.k or 0)
-                         for i, t in enumerate(args.template)]
-        except ValidationError as err:
-            raise ConfigError("--template", format_errors(err)) from None
-    artifact = args.artifact
-    if args.adapter:
-        from lorafleet.registry import Registry
-
-        reg = Registry(home / "registry")
-        entry = reg.resolve(args.adapter)
-        reg.verify(entry)
-        artifact = str(entry.path)
+        templates = [validate(PromptTemplate, {"name": f"--template {i + 1}", "instruction": t.replace("\\n", "\n"),
+                                               "k": args.k or 0}, "--template")
+                     for i, t in enumerate(args.template)]
+    artifact = _artifact(args, home)
     results = run_prompt_lab(cfg, templates, artifact=artifact, split=args.split, limit=args.limit, seed=args.seed)
     if args.json:
         print(json.dumps(results))
@@ -92,8 +89,8 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommands(sub: argparse._SubParsersAction, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register `compare` and `prompts` on the `lorafleet` parser."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `compare` and `prompts`."""
     p = sub.add_parser("compare", help="run the method ladder (prompting ... full fine-tuning) and report it")
     p.add_argument("config", help="compare YAML (see configs/tiny/compare-*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -102,7 +99,6 @@ def add_subcommands(sub: argparse._SubParsersAction, add_common: Callable[[argpa
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (progress goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no live training progress")
     p.add_argument("--dry-run", action="store_true", help="validate the config and list the rungs; run nothing")
-    add_common(p)
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("prompts", help="prompt lab: score prompt templates (wording, zero/few-shot) on a model")
@@ -118,5 +114,4 @@ def add_subcommands(sub: argparse._SubParsersAction, add_common: Callable[[argpa
     p.add_argument("--limit", type=int, help="score only the first N rows")
     p.add_argument("--seed", type=int, default=0, help="picks the in-context examples")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_common(p)
     p.set_defaults(fn=cmd_prompts)

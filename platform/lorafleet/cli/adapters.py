@@ -1,0 +1,54 @@
+"""`lorafleet adapters list|show|promote|rm`: the artifact registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["add_parser", "cmd_adapters"]
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from lorafleet.config import default_home
+    from lorafleet.registry import Registry
+
+    reg = Registry(default_home() / "registry")
+    if args.action == "list":
+        entries = reg.list(args.name)
+        if args.json:
+            print(json.dumps([{"ref": e.ref, "name": e.name, "version": e.version, "aliases": list(e.aliases),
+                               "path": str(e.path), "metadata": e.metadata} for e in entries]))
+            return 0
+        from lorafleet.report.runs import print_registry
+
+        print_registry(reg.root, entries)
+    elif args.action == "show":
+        e = reg.resolve(args.ref)
+        print(json.dumps({"ref": e.ref, "aliases": list(e.aliases), "path": str(e.path), **e.metadata}, indent=2))
+    elif args.action == "promote":
+        e = reg.promote(args.name, args.version)
+        print(f"{e.name}: live -> {e.version}")
+    elif args.action == "rm":
+        removed = reg.remove(args.name, args.version, force=args.force)
+        for e in removed:
+            print(f"removed {e.ref}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `adapters` and its actions."""
+    ad = sub.add_parser("adapters", help="the artifact registry").add_subparsers(dest="action", required=True)
+    p = ad.add_parser("list", help="list registered artifacts")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true", help="every entry with its metadata, as JSON")
+    p = ad.add_parser("show", help="metadata of NAME or NAME@VERSION")
+    p.add_argument("ref")
+    p = ad.add_parser("promote", help="point the 'live' alias (what serving follows) at a version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p = ad.add_parser("rm", help="remove a version, or every version of a name")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--force", action="store_true", help="also remove the live version")
+    for action in ("list", "show", "promote", "rm"):
+        ad.choices[action].set_defaults(fn=cmd_adapters)
