@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lorafleet import registry as registry_mod
+from lorafleet.registry import storage as registry_mod
 from lorafleet.registry import Entry, Registry, RegistryError, validate_name
 
 META: dict[str, Any] = {

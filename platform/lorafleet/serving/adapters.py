@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
 import json
 import os
 import shutil
@@ -32,8 +31,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lorafleet.registry import METADATA_FILE, Entry, Registry, RegistryError, validate_name
-from lorafleet.serving.protocol import ServingError
+from lorafleet.registry import (
+    Entry,
+    LocalStorage,
+    Registry,
+    RegistryError,
+    checksums,
+    validate_name,
+    verify_folder,
+)
+from lorafleet.serving.errors import ServingError
 
 __all__ = [
     "AdapterCatalog",
@@ -161,14 +168,6 @@ def _adapter_rank(folder: Path) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def copy_verified(entry: Entry, cache_root: Path) -> Path:
     """Copy a registry version into ``cache_root`` and check the copy against its sha256 sums.
 
@@ -177,26 +176,13 @@ def copy_verified(entry: Entry, cache_root: Path) -> Path:
     Raises:
         AdapterIntegrityError: A listed file is missing or differs, or an unlisted file is present.
     """
-    files = entry.metadata.get("files")
-    if not isinstance(files, dict) or not files:
-        raise AdapterIntegrityError(f"{entry.ref} has no file checksums in {METADATA_FILE}; re-register it")
+    files = checksums(entry.metadata, entry.ref, error=AdapterIntegrityError)
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".tmp-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(entry.path, tmp, symlinks=True)
-        present = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() or p.is_symlink()}
-        for rel, expected in sorted(files.items()):
-            file = tmp / rel
-            if file.is_symlink() or not file.is_file():
-                raise AdapterIntegrityError(f"{entry.ref}: file {rel!r} is missing; re-register it")
-            if _sha256(file) != expected:
-                raise AdapterIntegrityError(
-                    f"{entry.ref}: file {rel!r} does not match its sha256 (modified or half-written); "
-                    "not loading it; re-register it"
-                )
-        extra = sorted(present - set(files) - {METADATA_FILE})
-        if extra:
-            raise AdapterIntegrityError(f"{entry.ref}: file {extra[0]!r} is not in the registered file list")
+        # The registry's own copy-out and sha256 check, run on the private copy vLLM will read.
+        LocalStorage(entry.path).copy_out("", tmp)
+        verify_folder(tmp, files, entry.ref, error=AdapterIntegrityError, private_copy=True)
         final = cache_root / f"{entry.name}@{entry.version}-{uuid.uuid4().hex[:8]}"
         tmp.rename(final)
         return final
@@ -215,7 +201,7 @@ def _parse_exact(lora_id: str) -> tuple[str, str]:
 
 
 try:  # Ray Serve LLM is an optional dependency of the library as a whole.
-    from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader as _LoraModelLoader
+    from lorafleet.serving._ray_llm import LoraModelLoader as _LoraModelLoader
 except ImportError:  # pragma: no cover
     _LoraModelLoader = object  # type: ignore[assignment,misc]
 
@@ -278,8 +264,7 @@ class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
         return config
 
     def _load_sync(self, lora_model_id: str, registry_root: Path):
-        from ray.llm._internal.common.models import global_id_manager
-        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+        from lorafleet.serving._ray_llm import DiskMultiplexConfig, global_id_manager
 
         name, version = _parse_exact(lora_model_id.partition(":")[2])
         entry = Registry(registry_root).resolve(f"{name}@{version}")

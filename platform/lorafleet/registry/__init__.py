@@ -1,0 +1,36 @@
+"""The artifact registry: named, versioned training artifacts (``name``, ``name@3``, ``name@live``).
+
+``Registry`` (registry.py) holds the logic and speaks only the ``Storage`` protocol
+(storage.py), whose ``LocalStorage`` is the one home of the registry's filesystem calls; the
+layout and ``Entry`` are in layout.py, name/version/alias/reference checks in refs.py.
+``verify_folder`` / ``sha256_file`` are the one sha256 check, shared with serving's copies.
+"""
+
+from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.layout import ALIASES_FILE, METADATA_FILE, Entry
+from lorafleet.registry.refs import LIVE, parse_ref, validate_alias, validate_name
+from lorafleet.registry.registry import Registry
+from lorafleet.registry.storage import (
+    LocalStorage,
+    Storage,
+    checksums,
+    sha256_file,
+    verify_folder,
+)
+
+__all__ = [
+    "ALIASES_FILE",
+    "LIVE",
+    "METADATA_FILE",
+    "Entry",
+    "LocalStorage",
+    "Registry",
+    "RegistryError",
+    "Storage",
+    "checksums",
+    "parse_ref",
+    "sha256_file",
+    "validate_alias",
+    "validate_name",
+    "verify_folder",
+]

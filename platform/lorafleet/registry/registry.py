@@ -1,0 +1,363 @@
+"""The artifact registry: named, versioned training artifacts behind a ``Storage``.
+
+A finished run registers its artifact (a peft LoRA adapter folder or a full Hugging Face
+model folder) as the next version of a name (layout: ``layout.py``); serving loads adapters
+from here by name, possibly from another process while a writer registers or promotes.
+
+Readers never see a half-written version: it is staged under a hidden ``.tmp-<uuid>`` key and
+appears with one ``Storage.publish``, which refuses to replace a taken version, so concurrent
+writers get distinct numbers. Removal makes a version vanish at once, then deletes it.
+This module makes no filesystem call: ``storage.py`` (``LocalStorage``) does, so an
+object-store backend can replace it without touching this logic.
+
+Example:
+    >>> reg = Registry("./.lorafleet/registry")
+    >>> entry = reg.register("sst2-lora", "runs/abc/adapter", {"base_model": "tiny"})
+    >>> reg.resolve("sst2-lora").ref
+    'sst2-lora@1'
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.layout import (
+    ALIASES_FILE,
+    METADATA_FILE,
+    TMP_PREFIX,
+    Entry,
+    caller_metadata,
+    load_entry,
+    name_key,
+    read_aliases,
+    version_key,
+    version_numbers,
+)
+from lorafleet.registry.refs import (
+    LIVE,
+    parse_ref,
+    validate_alias,
+    validate_name,
+    validate_selector,
+)
+from lorafleet.registry.storage import LocalStorage, Storage, checksums, local_folder
+
+__all__ = ["Registry"]
+
+# Bound on publish retries; only reached if something keeps creating version folders.
+_MAX_RENAME_TRIES = 1000
+
+
+class Registry:
+    """A versioned artifact store.
+
+    Args:
+        root: Registry folder, e.g. ``<home>/registry``. Created on the first write, so
+            pointing a reader at a registry that does not exist yet is not an error.
+        storage: Where the files live; ``LocalStorage(root)`` by default.
+    """
+
+    def __init__(self, root: str | Path, storage: Storage | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    # ----- reading ----------------------------------------------------------------------
+
+    def _version_strings(self, name: str) -> set[str]:
+        return {str(n) for n in version_numbers(self.storage, name)}
+
+    def _entries(self, name: str) -> list[Entry]:
+        """All readable versions of ``name`` in numeric order; broken ones are skipped."""
+        aliases = read_aliases(self.storage, name)
+        entries = []
+        for number in version_numbers(self.storage, name):
+            try:
+                entries.append(load_entry(self.storage, name, str(number), aliases))
+            except (RegistryError, FileNotFoundError):
+                # Junk (unreadable metadata, symlink out of root) or removed meanwhile.
+                continue
+        return entries
+
+    def names(self) -> list[str]:
+        """Sorted names that have at least one version."""
+        found = []
+        for child in self.storage.list_dirs(""):
+            try:
+                validate_name(child)
+                if version_numbers(self.storage, child):
+                    found.append(child)
+            except RegistryError:
+                continue  # hidden, badly named or escaping folders are not artifacts
+        return sorted(found)
+
+    def list(self, name: str | None = None) -> list[Entry]:
+        """List registered versions.
+
+        Args:
+            name: Only this artifact; None lists every artifact.
+
+        Returns:
+            Entries sorted by name, then numeric version. An unknown ``name`` gives [].
+
+        Raises:
+            RegistryError: If ``name`` is not a valid name.
+        """
+        names = [validate_name(name)] if name is not None else self.names()
+        return [entry for n in names for entry in self._entries(n)]
+
+    def _get(self, name: str, selector: str | None) -> Entry:
+        """Find one entry by version, alias, or (selector None) live-else-latest."""
+        numbers = version_numbers(self.storage, name)
+        if not numbers:
+            available = self.names()
+            raise RegistryError(
+                f"artifact {name!r} not found in {self.root}; available: {available}"
+                + ("" if available else " (register one first)")
+            )
+        aliases = read_aliases(self.storage, name)
+        versions = [str(n) for n in numbers]
+        if selector is None:
+            version = aliases.get(LIVE, versions[-1])
+            origin = f"alias {LIVE!r}"
+        elif selector.isdigit():
+            version, origin = selector, None
+        elif selector in aliases:
+            version, origin = aliases[selector], f"alias {selector!r}"
+        else:
+            raise RegistryError(
+                f"alias {selector!r} of {name!r} not found; aliases: {sorted(aliases)}, "
+                f"versions: {versions} (use '{name}@<version>' or promote a version first)"
+            )
+        if version not in versions:
+            what = f"version {version!r} of {name!r}"
+            if origin:
+                what += f" (pointed to by {origin})"
+            raise RegistryError(
+                f"{what} not found; available versions: {versions}"
+                + (f", aliases: {aliases}" if aliases else "")
+                + (f"; run promote to repoint {origin}" if origin else "")
+            )
+        try:
+            return load_entry(self.storage, name, version, aliases)
+        except FileNotFoundError:
+            raise RegistryError(
+                f"'{name}@{version}' was removed while being read; try again"
+            ) from None
+
+    def resolve(self, ref: str) -> Entry:
+        """Find the entry a reference names.
+
+        Args:
+            ref: ``"name"`` (the version 'live' points to, or the latest if there is no
+                'live' alias), ``"name@3"`` (version 3) or ``"name@canary"`` (an alias).
+
+        Returns:
+            The matching entry.
+
+        Raises:
+            RegistryError: If the reference is malformed, the name is unknown (the message
+                lists available names) or the version/alias is unknown (it lists the
+                available versions and aliases).
+        """
+        name, selector = parse_ref(ref)
+        return self._get(name, selector)
+
+    def verify(self, entry: Entry) -> None:
+        """Check an entry's files against the sha256 sums in its metadata.
+
+        Args:
+            entry: Entry from ``list``/``resolve``/``register``.
+
+        Raises:
+            RegistryError: Naming the first missing or modified file, or a file that is
+                present but not listed (it could change what a loader picks up).
+        """
+        key = version_key(self.storage, entry.name, entry.version)
+        try:
+            metadata = self.storage.read_json(f"{key}/{METADATA_FILE}")
+        except FileNotFoundError:
+            raise RegistryError(f"{entry.ref} no longer exists in {self.root}") from None
+        self.storage.verify_files(key, checksums(metadata, entry.ref), entry.ref)
+
+    # ----- writing ----------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        src_dir: str | Path,
+        metadata: dict[str, Any],
+        *,
+        promote: bool = False,
+    ) -> Entry:
+        """Copy an artifact folder in as the next version of ``name``.
+
+        The copy is staged under a hidden ``.tmp-<uuid>`` key, hashed, made durable and
+        then published as the next free version number, so readers never see it
+        half-written and concurrent writers get distinct versions.
+
+        Args:
+            name: Artifact name (see ``validate_name``).
+            src_dir: Folder to copy (sub-folders allowed; symlinks are followed). A
+                top-level ``lorafleet.json`` in it is replaced by a fresh one.
+            metadata: JSON-serialisable dict (base_model, task, method, metrics, config, ...).
+                The registry adds name, version, created, files and size_bytes, overriding
+                any caller values under those keys.
+            promote: Point 'live' at the new version. If ``name`` has no 'live' alias yet
+                (e.g. it is the first version), 'live' is set regardless.
+
+        Returns:
+            The new entry.
+
+        Raises:
+            RegistryError: If the name is invalid, ``src_dir`` is not a folder, or the
+                metadata is not a JSON-serialisable dict.
+        """
+        src, meta = _check_inputs(name, src_dir, metadata)
+        folder = name_key(self.storage, name)
+        self.storage.make_dirs(folder)
+        version = self._stage_and_publish(name, src, meta)
+        with self.storage.lock(folder):
+            aliases = read_aliases(self.storage, name)
+            # "Has no live" rather than "is version 1": also covers a name whose live
+            # version was force-removed.
+            if promote or aliases.get(LIVE) not in self._version_strings(name):
+                aliases[LIVE] = version
+                self.storage.write_json(f"{folder}/{ALIASES_FILE}", aliases)
+        return load_entry(self.storage, name, version, aliases)
+
+    def _stage_and_publish(self, name: str, src: Path, meta: dict[str, Any]) -> str:
+        """Copy ``src`` to a staging key, hash it, publish it; returns the new version."""
+        tmp = f"{name_key(self.storage, name)}/{TMP_PREFIX}{uuid.uuid4().hex}"
+        self.storage.check_inside(tmp)
+        try:
+            try:
+                self.storage.copy_in(src, tmp, exclude=(METADATA_FILE,))
+            except OSError as exc:
+                # e.g. a dangling symlink or unreadable file in the source folder.
+                raise RegistryError(
+                    f"cannot copy {src} into the registry: {exc}; fix or remove the "
+                    "offending files and register again"
+                ) from None
+            files, size = self.storage.hash_files(tmp, exclude=(METADATA_FILE,))
+            meta.update(
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                files=files,
+                size_bytes=size,
+                name=name,
+            )
+            return self._publish_next(name, tmp, meta)
+        except BaseException:
+            self.storage.discard(tmp)
+            raise
+
+    def _publish_next(self, name: str, tmp: str, meta: dict[str, Any]) -> str:
+        """Publish ``tmp`` as the next free version number, retrying past taken ones.
+
+        The version number is inside lorafleet.json, so it is rewritten before each try.
+        """
+        folder = name_key(self.storage, name)
+        candidate = 0
+        for _ in range(_MAX_RENAME_TRIES):
+            # Count every numeric folder (finished or not) so junk never blocks a number.
+            taken = version_numbers(self.storage, name, valid_only=False)
+            candidate = max(candidate, taken[-1] if taken else 0) + 1
+            version = str(candidate)
+            meta["version"] = version
+            self.storage.write_json(f"{tmp}/{METADATA_FILE}", meta)
+            if self.storage.publish(tmp, f"{folder}/{version}"):
+                return version
+        raise RegistryError(  # pragma: no cover - needs a pathological writer
+            f"could not find a free version number for {name!r} after "
+            f"{_MAX_RENAME_TRIES} tries; check {self.storage.locate(folder)} for stray "
+            "numeric folders"
+        )
+
+    def promote(self, name: str, version: str, alias: str = LIVE) -> Entry:
+        """Point ``alias`` of ``name`` at ``version``.
+
+        Args:
+            name: Artifact name.
+            version: Version number, or an existing alias to copy (e.g. promote the
+                version 'canary' points to to 'live').
+            alias: Alias to move; not all digits.
+
+        Returns:
+            The promoted entry, with its updated aliases.
+
+        Raises:
+            RegistryError: If the name, version or alias is invalid or unknown.
+        """
+        validate_name(name)
+        validate_alias(alias)
+        folder = name_key(self.storage, name)
+        target = self._get(name, validate_selector(version))
+        with self.storage.lock(folder):
+            aliases = read_aliases(self.storage, name)
+            aliases[alias] = target.version
+            self.storage.write_json(f"{folder}/{ALIASES_FILE}", aliases)
+        return load_entry(self.storage, name, target.version, aliases)
+
+    def remove(
+        self, name: str, version: str | None = None, *, force: bool = False
+    ) -> list[Entry]:
+        """Remove one version, or the whole artifact when ``version`` is None.
+
+        Aliases pointing at a removed version are dropped, so ``resolve(name)`` then falls
+        back to the latest remaining version.
+
+        Args:
+            name: Artifact name.
+            version: Version number or alias to remove; None removes every version and
+                the aliases.
+            force: Allow removing the version 'live' points to while other versions exist.
+
+        Returns:
+            The removed entries.
+
+        Raises:
+            RegistryError: If the name/version is unknown, or ``version`` is live, other
+                versions exist and ``force`` is False.
+        """
+        validate_name(name)
+        folder = name_key(self.storage, name)
+        if version is None:
+            removed = self.list(name)
+            if not removed:
+                self._get(name, None)  # raises "not found; available: ..."
+            # One step takes the whole name out of sight, aliases included.
+            self.storage.delete_tree(folder)
+            return removed
+
+        target = self._get(name, validate_selector(version))
+        with self.storage.lock(folder):
+            aliases = read_aliases(self.storage, name)
+            others = self._version_strings(name) - {target.version}
+            if aliases.get(LIVE) == target.version and others and not force:
+                raise RegistryError(
+                    f"{target.ref} is live; promote another version first (e.g. "
+                    f"promote({name!r}, {max(others, key=int)!r})) or pass force=True"
+                )
+            self.storage.delete_tree(version_key(self.storage, name, target.version))
+            kept = {a: v for a, v in aliases.items() if v != target.version}
+            if kept != aliases:
+                self.storage.write_json(f"{folder}/{ALIASES_FILE}", kept)
+        return [target]
+
+
+def _check_inputs(name: str, src_dir: str | Path, metadata: Any) -> tuple[Path, dict[str, Any]]:
+    """Validate ``register``'s inputs before anything is written; returns (src, caller metadata)."""
+    validate_name(name)
+    src = local_folder(src_dir)
+    if src is None:
+        raise RegistryError(
+            f"cannot register {name!r}: {Path(src_dir).expanduser()} is not a folder; pass the "
+            "folder the training run saved (e.g. its adapter/ or model/ folder)"
+        )
+    return src, caller_metadata(name, metadata)
