@@ -23,6 +23,8 @@ __all__ = [
     "evaluate_rows",
     "load_for_eval",
     "head_predict",
+    "last_token_features",
+    "run_device",
 ]
 
 
@@ -147,22 +149,36 @@ def evaluate_rows(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, 
 
 
 @torch.no_grad()
-def mean_pooled_features(model: nn.Module, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
-    """Frozen-model sentence features: last-token final hidden state (the feature-based baseline)."""
+def last_token_features(model: nn.Module, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    """Frozen-model sentence features: the last token's final hidden state, fp32, on the CPU
+    (the feature-based baseline). Computed on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     feats = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         ids, mask = _right_pad(batch, tokenizer.pad_token_id)
-        feats.append(last_token_hidden(model, ids, mask).float())
+        feats.append(last_token_hidden(model, ids.to(device), mask.to(device)).float().cpu())
     return torch.cat(feats)
 
 
-def load_for_eval(artifact: str | Path | None, base: str, dtype: str = "float32") -> tuple[nn.Module, Any, dict[str, Any]]:
+def run_device(use_gpu: bool) -> torch.device:
+    """Where a run's model is scored: its GPU when it trained on one and this process has one."""
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def load_for_eval(artifact: str | Path | None, base: str, dtype: str = "float32",
+                  device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load the bare base model, a LoRA adapter, a full model folder, or a head, for evaluation.
 
+    Pass the run's ``model.dtype`` and device (:func:`run_device`): a bf16 run is scored in bf16.
     Returns (model, tokenizer, info) where info has 'kind' and, for heads, 'labels'.
     """
+    model, tokenizer, info = _load_for_eval(artifact, base, dtype)
+    return model.to(device), tokenizer, info
+
+
+def _load_for_eval(artifact: str | Path | None, base: str, dtype: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     if artifact is None:
         return load_model(base, dtype), load_tokenizer(base), {"kind": "base"}
     artifact = Path(artifact)
@@ -190,7 +206,7 @@ def _feature_predict(model: nn.Module, tokenizer, task: Task, rows: list[dict[st
     from lorafleet.data import prompt_ids
 
     weights = load_file(artifact / "feature.safetensors")
-    feats = mean_pooled_features(model, tokenizer, [prompt_ids(tokenizer, task.instruction(r)) for r in rows])
+    feats = last_token_features(model, tokenizer, [prompt_ids(tokenizer, task.instruction(r)) for r in rows])
     logits = feats @ weights["coef"].T + weights["intercept"]
     if logits.shape[1] == 1:  # sklearn stores one column for two classes
         logits = torch.cat([-logits, logits], dim=1)
@@ -235,7 +251,8 @@ def evaluate_artifact(
     examples = read_split(getattr(cfg.data, split), task, split, fields=cfg.data.fields,
                           synthetic_n=sizes.get(split), seed=cfg.data.seed)
     rows = [ex.row for ex in examples][:limit]
-    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype)
+    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
+                                           run_device(cfg.scaling.use_gpu))
     if info["kind"] == "feature":
         metrics = task.score(_feature_predict(model, tokenizer, task, rows, artifact, info["labels"]), rows)
     else:

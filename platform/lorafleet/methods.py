@@ -54,7 +54,9 @@ class HeadClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = last_token_hidden(self.base, input_ids, attention_mask)
-        return self.head(features)
+        # The head keeps fp32 weights on a bf16/fp16 base: feed it features in its own dtype (under
+        # autocast the matmul still runs in the compute dtype).
+        return self.head(features.to(self.head.weight.dtype))
 
 
 def apply_method(model: nn.Module, method: MethodConfig, num_labels: int | None = None) -> nn.Module:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,17 +23,18 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from lorafleet.base_model import load_model, load_tokenizer
-from lorafleet.config import FinetuneConfig, dump_config
+from lorafleet.base_model import load_tokenizer
+from lorafleet.checkpoint import MODEL_DIR, STATE_FILE, evaluate_and_checkpoint, load_trainable, save_artifact
+from lorafleet.config import FinetuneConfig
 from lorafleet.data import IGNORE_INDEX
-from lorafleet.evaluate import evaluate_rows
-from lorafleet.methods import HeadClassifier, apply_method, count_params
+from lorafleet.methods import count_params
+from lorafleet.precision import training_precision
+from lorafleet.steps import build_model, is_fsdp, optimizer_steps, wrap_model
 from lorafleet.tasks import get_task
 
-__all__ = ["build_dataset", "build_trainer", "train_loop_per_worker", "save_artifact", "STATE_FILE"]
+# MODEL_DIR, STATE_FILE and save_artifact live in lorafleet.checkpoint; imported here for callers.
+__all__ = ["build_dataset", "build_trainer", "train_loop_per_worker", "MODEL_DIR", "STATE_FILE", "save_artifact"]
 
-STATE_FILE = "trainer_state.pt"
-MODEL_DIR = "model"  # inside a checkpoint: the artifact files, exactly what gets registered
 
 
 def build_dataset(encoded: list[dict[str, list[int]]], pad_id: int) -> ray.data.Dataset:
@@ -73,73 +72,6 @@ class TrimPaddingCollate(NumpyBatchCollateFn):
         return _collate(batch)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_artifact(model: torch.nn.Module, tokenizer, cfg: FinetuneConfig, out: Path, labels: list[str] | None,
-                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write what gets registered: a peft adapter, a full HF model (+ tokenizer), or a head.
-
-    ``state_dict``: the full weights when the model is sharded (FSDP gathers them on rank 0).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
-    if isinstance(model, HeadClassifier):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
-        (out / "head.json").write_text(json.dumps({"labels": labels, "base_model": cfg.model.name_or_path}))
-    elif cfg.method.name == "lora":
-        model.save_pretrained(out, safe_serialization=True)  # adapter weights + adapter_config.json only
-    else:  # full or partial; FSDP (full only) passes the gathered weights
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-
-
-def _load_trainable(model: torch.nn.Module, cfg: FinetuneConfig, ckpt_model: Path) -> None:
-    model = _unwrap(model)
-    from safetensors.torch import load_file
-
-    if isinstance(model, HeadClassifier):
-        model.head.load_state_dict(load_file(ckpt_model / "head.safetensors"))
-    elif cfg.method.name == "lora":
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(ckpt_model / "adapter_model.safetensors"))
-    else:
-        state = {}
-        for f in sorted(ckpt_model.glob("*.safetensors")):
-            state.update(load_file(f))
-        model.load_state_dict(state, strict=False)
-
-
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(model, FullyShardedDataParallel)
-
-
-def _wrap_model(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
-    """DDP through Ray Train, or FSDP with one unit per transformer block.
-
-    Ray's ``prepare_model(parallel_strategy="fsdp")`` refuses to run without a GPU, while torch's
-    FSDP runs on CPU (gloo) as well; wrapping here keeps one code path, tested on CPU.
-    """
-    if cfg.scaling.strategy != "fsdp":
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    # transformers names the blocks that must not be split (e.g. LlamaDecoderLayer).
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
-    return FullyShardedDataParallel(
-        model.to(device), device_id=device, use_orig_params=True,
-        auto_wrap_policy=ModuleWrapPolicy(blocks) if blocks else None,
-    )
-
-
 def _lr_lambda(cfg: FinetuneConfig):
     warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
 
@@ -159,7 +91,8 @@ def _lr_lambda(cfg: FinetuneConfig):
 def _quiet_report_logs() -> None:
     # Ray 2.60 logs every ray.train.report() at INFO ("Reporting training result ...") under a
     # logger named by its file path, which Ray Train's own log-level filter (it matches
-    # "ray.train*") misses; with log_every=1 it buries the progress bar and the driver's output.
+    # "ray.train*") misses; each evaluation (the only reports, see the loop) would print a block
+    # into the progress bar and the driver's output.
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray version: nothing to quiet
@@ -169,6 +102,8 @@ def _quiet_report_logs() -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the model, restore, train, report, checkpoint."""
+    # Over 60 lines on purpose: the worker's story reads top to bottom (STYLE.md); the per-step
+    # pieces are lorafleet.steps, the checkpoint ones lorafleet.checkpoint.
     _quiet_report_logs()
     cfg = FinetuneConfig.model_validate(loop_config["config"])
     task = get_task(cfg.task.name)
@@ -180,10 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial adapter/head on every rank
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    base = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    model = apply_method(base, cfg.method, num_labels=len(labels) if labels else None)
-    if cfg.train.grad_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
-        base.gradient_checkpointing_enable()
+    model = build_model(cfg, len(labels) if labels else None)
     trainable, total = count_params(model)
 
     # Resume: after a worker failure Ray hands every worker the latest registered checkpoint.
@@ -192,11 +124,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            _load_trainable(model, cfg, Path(d) / MODEL_DIR)
+            load_trainable(model, cfg, Path(d) / MODEL_DIR)
             state = torch.load(Path(d) / STATE_FILE, weights_only=False)
 
     device = ray.train.torch.get_device()
-    model = _wrap_model(model, cfg, device)
+    model = wrap_model(model, cfg, device)
+    precision = training_precision(cfg.model.dtype, device, sharded=is_fsdp(model))
     # Where each rank runs (shown once in the log; the 2-node test checks one worker per node).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
@@ -208,21 +141,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if state is not None:
         optim_state = state["optimizer"]
-        if _is_fsdp(model):  # saved unsharded (see _evaluate_and_checkpoint): shard it for this rank
+        if is_fsdp(model):  # saved unsharded (see checkpoint.evaluate_and_checkpoint): shard it for this rank
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             optim_state = FullyShardedDataParallel.optim_state_dict_to_load(model, optimizer, optim_state)
         optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(state["scheduler"])
+        if precision.scaler and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
         step = resumed_from = state["step"]
 
     progress = loop_config.get("progress_queue")
     log_path = loop_config.get("log_path")
-    metric_key = f"val_{task.primary_metric}"
     shard = ray.train.get_dataset_shard("train")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu else torch.autocast("cpu", enabled=False)
-    is_head = isinstance(_unwrap(model), HeadClassifier)
-    sharded = _is_fsdp(model)
     epoch = 0
     window_tokens, window_start, window_step = 0, time.perf_counter(), step
 
@@ -234,29 +165,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.train.batch_size * 8,
             local_shuffle_seed=cfg.train.seed + epoch * 1000 + rank,
         )
-        micro = 0
         model.train()
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            with autocast:
-                if is_head:
-                    logits = model(input_ids, mask)
-                    loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 0].to(device))
-                else:
-                    loss = model(input_ids=input_ids, attention_mask=mask, labels=batch["labels"].to(device)).loss
-            (loss / cfg.train.grad_accum).backward()
-            window_tokens += int(mask.sum()) * world
-            micro += 1
-            if micro % cfg.train.grad_accum:
-                continue
-            if sharded:  # each rank holds a shard of the gradients: FSDP computes the global norm
-                model.clip_grad_norm_(cfg.train.max_grad_norm)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        for loss, tokens in optimizer_steps(model, batches, cfg, device=device, optimizer=optimizer,
+                                            scheduler=scheduler, params=params, precision=precision):
+            window_tokens += tokens * world
             step += 1
 
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
@@ -266,7 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             n_steps = step - window_step
             metrics: dict[str, Any] = {
                 "step": step,
-                "loss": float(loss.detach()),
+                "loss": float(loss),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 "step_time_s": elapsed / max(1, n_steps),
@@ -279,7 +191,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["worker_nodes"], nodes = nodes, []
             ckpt = None
             if is_eval:
-                metrics.update(_evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer, scheduler, step, rank))
+                metrics.update(evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer,
+                                                        scheduler, step, rank, precision))
                 ckpt_dir = metrics.pop("_ckpt_dir", None)
                 ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
             metrics["peak_memory_mb"] = _peak_memory_mb(device)  # after evaluation, which can be the peak
@@ -296,50 +209,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= cfg.train.max_steps:
                 break
         epoch += 1
-
-
-def _evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer, scheduler, step, rank) -> dict[str, Any]:
-    # Rank 0 scores the validation rows and writes the checkpoint; the score is broadcast so every
-    # rank reports the same metrics (Ray attaches rank 0's to the checkpoint).
-    out: dict[str, Any] = {}
-    model_state, optim_state = None, None
-    if _is_fsdp(model):
-        # Sharded: every rank takes part in gathering the full weights and optimizer state onto
-        # rank 0, which then saves them and scores a plain copy (a sharded forward would need
-        # every rank in each step of generation).
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        offload = next(model.parameters()).device.type == "cuda"  # on CPU, torch 2.13 segfaults with it
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
-                                  FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True)):
-            model_state = model.state_dict()
-            optim_state = FSDP.optim_state_dict(model, optimizer)
-    if rank == 0:
-        d = Path(tempfile.mkdtemp(prefix="lorafleet-ckpt-"))
-        save_artifact(model, tokenizer, cfg, d / MODEL_DIR, labels, state_dict=model_state)
-        scored = _unwrap(model)
-        if model_state is not None:
-            scored = load_model(str(d / MODEL_DIR), cfg.model.dtype).to(next(model.parameters()).device)
-        rows = val_rows[: cfg.train.eval_samples]
-        scores = evaluate_rows(scored, tokenizer, task, rows, labels) if rows else {}
-        out.update({f"val_{k}": v for k, v in scores.items()})
-        torch.save(
-            {"optimizer": optim_state if optim_state is not None else optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step},
-            d / STATE_FILE,
-        )
-        (d / "config.yaml").write_text(dump_config(cfg))
-        out["_ckpt_dir"] = str(d)
-        del scored
-        _unwrap(model).train()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [{k: v for k, v in out.items() if k != "_ckpt_dir"}]
-        dist.broadcast_object_list(holder, src=0)
-        if rank != 0:
-            out = holder[0]
-    return out
 
 
 def _peak_memory_mb(device: torch.device) -> float:

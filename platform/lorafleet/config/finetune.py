@@ -45,7 +45,10 @@ class ModelConfig(Section):
         "'${home}' expands to the lorafleet home (the tiny model `lorafleet base build` makes).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype for loading; training autocasts to bf16 on GPU."
+        "float32",
+        description="Dtype the base loads, trains (autocast) and is scored in, on CPU and GPU alike; "
+        "trainable weights stay fp32 (lorafleet.precision). float16 trains with loss scaling; "
+        "float32 autocasts to bf16 on a GPU.",
     )
     trust_remote_code: bool = False
 
@@ -154,11 +157,6 @@ class FinetuneConfig(Section):
         if self.scaling.strategy == "fsdp" and self.method.name != "full":
             problems.append(
                 f"scaling.strategy 'fsdp' is for method 'full' (got {self.method.name!r}); use 'ddp'"
-            )
-        if self.model.dtype != "float32" and not self.scaling.use_gpu:
-            problems.append(
-                f"model.dtype {self.model.dtype!r} is not supported for CPU training; use 'float32' "
-                "(bf16 autocast is used automatically on GPU)"
             )
         if problems:
             raise problems_error(problems)

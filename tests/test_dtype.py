@@ -1,0 +1,208 @@
+"""model.dtype other than float32, on CPU: mixed precision, the head rung, scoring, gradient accumulation.
+
+No Ray here (but the slow ladder run): the tests call a worker's per-step pieces directly
+(steps.build_model, steps.optimizer_steps), the way train.train_loop_per_worker does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lorafleet.checkpoint import save_artifact
+from lorafleet.config import parse_config
+from lorafleet.evaluate import evaluate_rows, load_for_eval
+from lorafleet.methods import HeadClassifier
+from lorafleet.precision import Precision, training_precision
+from lorafleet.steps import build_model, optimizer_steps
+from lorafleet.tasks import get_task
+
+LABELS = ["billing", "technical", "account", "shipping"]
+
+
+def _cfg(base_model, tmp_path, dtype="bfloat16", method="full", **train):
+    train = {"lr": 1e-5, "warmup_steps": 0, "schedule": "constant", "batch_size": 4, **train}
+    return parse_config({"model": {"name_or_path": str(base_model), "dtype": dtype},
+                         "method": {"name": method}, "train": train}, home=tmp_path)
+
+
+def _batches(n: int, labels_width: int | None = None, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, 500, (4, 24), generator=g)
+        labels = ids.clone() if labels_width is None else torch.randint(0, 4, (4, labels_width), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def _setup(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return params, optimizer, scheduler
+
+
+def _read(n: int) -> list[dict]:
+    from lorafleet.data import read_split
+
+    return [ex.row for ex in read_split("synthetic", get_task("classification"), "validation", synthetic_n=n, seed=0)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_full_step_at_small_lr_changes_low_precision_weights(base_model, tmp_path, dtype):
+    # A bf16 weight near 0.02 moves in steps of ~1e-4: AdamW's ~1e-5 update at lr 1e-5 rounds away
+    # on almost every element when the weights (and AdamW's state) are bf16 (7% moved, measured).
+    cfg = _cfg(base_model, tmp_path, dtype=dtype)
+    model = build_model(cfg, None)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # master weights
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params, optimizer, scheduler = _setup(model, cfg)
+    precision = training_precision(cfg.model.dtype, torch.device("cpu"))
+    assert precision.dtype == getattr(torch, dtype)
+    assert (precision.scaler is not None) == (dtype == "float16")
+    steps = list(optimizer_steps(model, _batches(1), cfg, device=torch.device("cpu"), optimizer=optimizer,
+                                 scheduler=scheduler, params=params, precision=precision))
+    assert len(steps) == 1 and torch.isfinite(steps[0][0])
+    for name, p in model.named_parameters():
+        if name.endswith("q_proj.weight") or name.endswith("up_proj.weight"):
+            moved = (p.detach() != before[name]).float().mean().item()
+            assert moved > 0.9, f"{name}: only {moved:.1%} of the weights moved"
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+
+
+def test_float32_on_cpu_has_no_autocast():
+    p = training_precision("float32", torch.device("cpu"))
+    assert p == Precision(dtype=None, device_type="cpu", scaler=None)
+
+
+def test_bf16_on_a_gpu_without_bf16_says_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="use 'float16'"):
+        training_precision("bfloat16", torch.device("cuda"))
+    p = training_precision("float32", torch.device("cuda"))  # the GPU default falls back to fp16 + GradScaler
+    assert p.dtype == torch.float16 and p.scaler is not None
+
+
+def test_partial_bf16_trains_and_evaluates(base_model, tmp_path):
+    cfg = _cfg(base_model, tmp_path, method="partial", lr=1e-3)
+    model = build_model(cfg, None)
+    dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16}  # frozen weights stay in the configured dtype
+    params, optimizer, scheduler = _setup(model, cfg)
+    precision = training_precision(cfg.model.dtype, torch.device("cpu"))
+    list(optimizer_steps(model, _batches(1), cfg, device=torch.device("cpu"), optimizer=optimizer,
+                         scheduler=scheduler, params=params, precision=precision))
+    with precision.autocast():  # validation runs in the same autocast as training
+        scores = evaluate_rows(model, load_for_eval(None, str(base_model))[1], get_task("classification"),
+                               _read(4), LABELS)
+    assert 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_head_rung_with_bf16_trains_evaluates_and_reloads(base_model, tmp_path):
+    cfg = _cfg(base_model, tmp_path, method="head", lr=1e-2)
+    cfg.task.name = "classification"
+    model = build_model(cfg, len(LABELS))
+    assert isinstance(model, HeadClassifier) and model.head.weight.dtype == torch.float32
+    assert next(model.base.parameters()).dtype == torch.bfloat16
+    params, optimizer, scheduler = _setup(model, cfg)
+    precision = training_precision(cfg.model.dtype, torch.device("cpu"))
+    list(optimizer_steps(model, _batches(1, labels_width=1), cfg, device=torch.device("cpu"), optimizer=optimizer,
+                         scheduler=scheduler, params=params, precision=precision))
+    tok = load_for_eval(None, str(base_model))[1]
+    rows, task = _read(8), get_task("classification")
+    scores = evaluate_rows(model, tok, task, rows, LABELS)  # outside autocast: the first evaluation
+    assert 0.0 <= scores["accuracy"] <= 1.0
+    save_artifact(model, tok, cfg, tmp_path / "head", LABELS)
+    loaded, tok, info = load_for_eval(tmp_path / "head", str(base_model), "bfloat16", device="cpu")
+    assert info["kind"] == "head" and next(loaded.base.parameters()).dtype == torch.bfloat16
+    assert evaluate_rows(loaded, tok, task, rows, LABELS) == scores
+
+
+def test_load_for_eval_uses_the_runs_dtype(base_model):
+    model, _, info = load_for_eval(None, str(base_model), "bfloat16", device="cpu")
+    assert info["kind"] == "base"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_grad_accum_does_not_leak_partial_gradients_across_epochs(base_model, tmp_path):
+    # 3 micro-batches with grad_accum=2: one optimizer step and one left-over micro-batch, whose
+    # gradient must not be added into the next epoch's first step.
+    cfg = _cfg(base_model, tmp_path, dtype="float32", grad_accum=2)
+    model = build_model(cfg, None)
+    params, optimizer, scheduler = _setup(model, cfg)
+    precision = training_precision(cfg.model.dtype, torch.device("cpu"))
+    steps = list(optimizer_steps(model, _batches(3), cfg, device=torch.device("cpu"), optimizer=optimizer,
+                                 scheduler=scheduler, params=params, precision=precision))
+    assert len(steps) == 1
+    assert all(p.grad is None for p in params), "a partial accumulation survived the epoch"
+
+
+def test_grad_accum_skips_the_all_reduce_on_micro_steps(base_model, tmp_path):
+    cfg = _cfg(base_model, tmp_path, dtype="float32", grad_accum=2)
+    model = build_model(cfg, None)
+    synced: list[bool] = []
+
+    class Recorder(torch.nn.Module):  # stands in for DDP: records which micro-steps skip the sync
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            synced.append(False)
+            yield
+
+    wrapped = Recorder(model)
+    params, optimizer, scheduler = _setup(wrapped, cfg)
+    precision = training_precision(cfg.model.dtype, torch.device("cpu"))
+    list(optimizer_steps(wrapped, _batches(4), cfg, device=torch.device("cpu"), optimizer=optimizer,
+                         scheduler=scheduler, params=params, precision=precision))
+    assert synced == [False, False]  # micro-steps 1 and 3 accumulate locally; 2 and 4 all-reduce
+
+
+@pytest.mark.slow
+def test_every_rung_of_the_classification_ladder_in_bf16(home, env, tmp_path):
+    # ~3 minutes on 2 cores (180 s measured): 10 steps a rung, small splits; a failing rung fails the CLI.
+    from helpers import last_json, run_cli
+
+    proc = run_cli(["compare", "configs/tiny/compare-classification.yaml", "--json",
+                    "--set", "base.model.dtype=bfloat16", "--set", "base.train.max_steps=10",
+                    "--set", "base.train.eval_every=10", "--set", "base.train.eval_samples=8",
+                    "--set", "base.data.synthetic_sizes={train: 200, validation: 16, test: 16}"],
+                   env, timeout=900)
+    rows = last_json(proc.stdout)
+    assert [r["rung"] for r in rows] == ["zero_shot", "few_shot", "feature", "head", "partial", "lora", "full"]
+
+
+def test_fsdp_full_step_in_bf16_keeps_fp32_master_weights(base_model, tmp_path):
+    # One rank, gloo, no Ray: the FSDP wrapper as a worker builds it, with MixedPrecision.
+    import torch.distributed as dist
+
+    from helpers import free_port
+    from lorafleet.steps import wrap_model
+
+    cfg = _cfg(base_model, tmp_path, dtype="bfloat16")
+    cfg.scaling.strategy = "fsdp"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        device = torch.device("cpu")
+        model = wrap_model(build_model(cfg, None), cfg, device)
+        assert model.mixed_precision.param_dtype == torch.bfloat16
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        params, optimizer, scheduler = _setup(model, cfg)
+        precision = training_precision(cfg.model.dtype, device, sharded=True)
+        list(optimizer_steps(model, _batches(1), cfg, device=device, optimizer=optimizer, scheduler=scheduler,
+                             params=params, precision=precision))
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32
+            if name.endswith("up_proj.weight"):
+                assert (p.detach() != before[name]).float().mean().item() > 0.9
+    finally:
+        dist.destroy_process_group()
