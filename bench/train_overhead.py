@@ -8,8 +8,9 @@ support tickets, the tiny Llama) with ONE worker, the config's batch size unless
 eval/checkpoint only at the last step (`train.eval_every=<steps>`).
 
 1. Ray Train overhead: the real lorafleet path, `lorafleet.finetune.finetune()` -> TorchTrainer
-   running `lorafleet.train.train_loop_per_worker` (Ray Data shard, `ray.train.report` every
-   `log_every` steps), against a plain PyTorch loop in a fresh process (no Ray in it) that does the
+   running `lorafleet.train.train_loop_per_worker` (Ray Data shard; rank 0 logs every `log_every`
+   steps to train_log.jsonl and the driver's progress queue; `ray.train.report` runs only at
+   evaluations, here once, at the last step), against a plain PyTorch loop in a fresh process (no Ray in it) that does the
    same step: same model, method, data rows, padding and `_collate`, AdamW + LR schedule, grad
    clipping, and the same torch thread count (lorafleet sets `cpus_per_worker` = 1 thread; the
    plain process sets 1 thread and OMP_NUM_THREADS=1 as Ray does for a 1-CPU actor) and the same
@@ -19,16 +20,17 @@ eval/checkpoint only at the last step (`train.eval_every=<steps>`).
    checkpointing. Two Ray numbers:
    - "lorafleet step_time_s": the value lorafleet reports, i.e. wall time of a `log_every`-step
      window / steps in it, taken from the run's train_log.jsonl; it includes Ray Data batch fetching
-     but NOT the `ray.train.report` call that closes each window. Median over windows.
+     but NOT the logging that closes each window. Median over windows.
    - "all-in (wall)": time between consecutive train_log.jsonl records / `log_every`; it also
-     includes `ray.train.report` and the log write, i.e. what a user pays per step. Median.
+     includes the log write and the progress-queue put, i.e. what a user pays per step. Median.
    The plain loop's number is the median over the same `log_every`-step windows of its own
    per-step times (batch fetch + collate + forward + backward + clip + optimizer + scheduler).
    The ratio is Ray / plain; the target is <= 1.10. "report+log per call" is (all-in - step_time_s)
-   x log_every: what one `ray.train.report` (+ the train_log.jsonl write) costs. In Ray Train 2.60
-   (Train V2) a report waits while the previous one is still in the worker's size-1 result queue,
-   which the controller drains once per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default);
-   `--ray-poll-s 0.1` sets that interval for this bench's private Ray, to show its share.
+   x log_every: what one log window's closing costs (the train_log.jsonl write and the progress
+   queue put; no `ray.train.report` between evaluations). In Ray Train 2.60 (Train V2) a report
+   waits while the previous one is still in the worker's size-1 result queue, which the controller
+   drains once per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): that is why the loop reports
+   to Ray only at evaluations. `--ray-poll-s 0.1` sets that interval for this bench's private Ray.
 2. LoRA vs full fine-tuning on the same model (the same two runs):
    - trainable / total params: what lorafleet reports (`count_params` after `apply_method`);
    - step time: both numbers above;
@@ -536,7 +538,8 @@ def main() -> None:
                 "ray": ray_,
                 "ratio": ray_["step_time_s"] / plain["step_time_s"],
                 "ratio_wall": ray_["step_time_wall_s"] / plain["step_time_s"],
-                # Outside lorafleet's step_time_s window: ray.train.report + the log write.
+                # Outside lorafleet's step_time_s window: the log write + progress-queue put (Ray
+                # gets a report only at evaluations, i.e. once here, at the last step).
                 "report_s_per_call": (ray_["step_time_wall_s"] - ray_["step_time_s"]) * log_every,
             }
         load_after = _load1()

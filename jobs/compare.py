@@ -3,22 +3,19 @@
     ray job submit --working-dir . -- python jobs/compare.py --config configs/tiny/compare-classification.yaml
     python jobs/compare.py --config configs/tiny/compare-qa.yaml --set base.train.max_steps=60   # smoke run
 
-Reads top to bottom: config -> Ray -> one real run per rung -> rank -> report (ladder.json,
-report.md, ladder.png in the ladder's folder). `lorafleet compare` runs the same steps.
+`lorafleet.compare.run_ladder` does the steps (`lorafleet compare` runs the same): config -> Ray ->
+one real run per rung -> rank -> report (ladder.json, report.md, ladder.png in the ladder's folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
-from lorafleet.compare import load_compare_config, new_output_dir, rank_rows, run_rung
-from lorafleet.config import ConfigError, default_home
-from lorafleet.finetune import init_ray
-from lorafleet.report import REPORT_FILES, write_report
+from lorafleet.compare import load_compare_config, run_ladder
+from lorafleet.config import ConfigError, set_home
+from lorafleet.report import REPORT_FILES
 
 
 def main() -> int:
@@ -30,37 +27,18 @@ def main() -> int:
     parser.add_argument("--out", help="the ladder's folder (default <output_dir>/<name>-<timestamp>)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on the last stdout line")
     args = parser.parse_args()
-    if args.home:
-        os.environ["LORAFLEET_HOME"] = str(Path(args.home).resolve())
+    home = set_home(args.home)
 
-    # 1. Config: the compare config and every rung's training config, validated before Ray starts.
-    try:
-        ladder = load_compare_config(args.config, args.set, default_home())
+    try:  # every rung's config is validated before Ray starts
+        ladder = load_compare_config(args.config, args.set, home)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir = new_output_dir(ladder, args.out)  # the resolved config of every rung is saved here first
-    print(f"[compare] {ladder.task.name}: rungs {list(ladder.rungs)} -> {out_dir}", file=sys.stderr, flush=True)
-
-    # 2. Ray: the cluster this job was submitted to, or a private local instance.
-    init_ray()
-
-    # 3. One real run per rung, in order: prompting rungs score the base model in a Ray task,
-    #    feature runs as a Ray task, head/partial/lora/full are Ray Train runs.
-    rows = []
-    for rung in ladder.rungs:
-        row = run_rung(rung, ladder, out_dir, progress=False)
-        print(f"[compare] {rung}: {row.metric}={row.value:.4f} trainable={row.trainable_params:,} "
-              f"wall={row.wall_time_s:.1f}s peak={row.peak_memory_mb:.0f}MB", file=sys.stderr, flush=True)
-        rows.append(row)
-
-    # 4. Rank by the test metric and write the report.
-    rank_rows(rows, ladder.task.mode)
-    paths = write_report(rows, out_dir, ladder)
+    rows, out_dir = run_ladder(ladder, args.out)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows]))
     else:
-        print(paths["markdown"].read_text())
+        print((out_dir / REPORT_FILES["markdown"]).read_text())
     print(f"[compare] report: {out_dir / REPORT_FILES['markdown']}", file=sys.stderr)
     return 0
 

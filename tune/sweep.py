@@ -5,29 +5,18 @@ Locally:       python tune/sweep.py --config configs/tiny/sweep-classification.y
 On a cluster:  ray job submit --address http://HEAD:8265 --working-dir . -- \
                    python tune/sweep.py --config configs/tiny/sweep-classification.yaml
 Resume:        python tune/sweep.py --resume <home>/sweeps/<sweep-name>
-`lorafleet sweep` runs the same code. Details: docs/SWEEPS.md.
+`lorafleet sweep` runs the same code (`lorafleet.sweep.run_sweep` / `resume_sweep`): config ->
+Ray -> Tune trials (ASHA stops the weak ones) -> rank -> score and register the winner -> table,
+figure and results.json in the sweep folder. Details: docs/SWEEPS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
-from pathlib import Path
 
-from lorafleet.config import default_home
-from lorafleet.finetune import init_ray
-from lorafleet.sweep import (
-    build_tuner,
-    load_sweep,
-    print_table,
-    read_spec,
-    register_best,
-    restore_tuner,
-    summarize,
-    write_outputs,
-)
+from lorafleet.config import set_home
+from lorafleet.sweep import load_sweep, resume_sweep, run_sweep
 
 
 def main() -> None:
@@ -39,26 +28,13 @@ def main() -> None:
     parser.add_argument("--promote", action="store_true", help="make the registered winner live")
     parser.add_argument("--home", help="lorafleet home (default $LORAFLEET_HOME or ./.lorafleet)")
     args = parser.parse_args()
-    if args.home:
-        os.environ["LORAFLEET_HOME"] = str(Path(args.home).resolve())
-    started = time.time()
+    home = set_home(args.home)
 
-    # 1. Config: the sweep and the training config it names, validated before any trial starts.
-    spec = read_spec(args.resume) if args.resume else load_sweep(args.config, args.set, default_home(), args.name)
-
-    # 2. Ray: the cluster this job was submitted to, or a private local instance.
-    init_ray()
-
-    # 3. Tune: one function trainable per trial, each running its own TorchTrainer; ASHA stops the
-    #    weak ones. A resumed sweep keeps its finished trials and continues the others.
-    tuner = restore_tuner(args.resume)[1] if args.resume else build_tuner(spec)
-    grid = tuner.fit()
-
-    # 4. Rank the trials, score the winner on the test split, register it.
-    report = register_best(spec, summarize(spec, grid, time.time() - started), promote=args.promote)
-
-    # 5. The table, the figure and results.json in the sweep folder; one JSON line for the submitter.
-    write_outputs(report, table_text=print_table(report))
+    if args.resume:
+        report = resume_sweep(args.resume, promote=args.promote)
+    else:
+        report = run_sweep(load_sweep(args.config, args.set, home, args.name), promote=args.promote)
+    # One JSON line for the submitter (the table went to stdout above it).
     print(json.dumps({k: v for k, v in report.model_dump().items() if k != "trials"}))
 
 

@@ -238,7 +238,7 @@ def run_prompt_lab(
         One row per template: name, k, metrics, seconds, tokens/s, shots used, a sample prediction.
     """
     from lorafleet.data import read_split
-    from lorafleet.evaluate import load_for_eval
+    from lorafleet.evaluate import load_for_eval, run_device
     from lorafleet.tasks import get_task
 
     task = get_task(cfg.task.name)
@@ -256,7 +256,8 @@ def run_prompt_lab(
 
     test_rows = rows(split)[:limit]
     train_rows = rows("train") if any(t.k for t in templates) else []
-    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype)
+    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
+                                           run_device(cfg.scaling.use_gpu))
     if info["kind"] in ("head", "feature"):
         raise ValueError(f"{artifact} is a {info['kind']} artifact: it answers without a prompt; "
                          "the prompt lab takes the base model, a LoRA adapter or a full model")
