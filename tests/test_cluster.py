@@ -8,39 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import shutil
 import subprocess
 import tempfile
 import time
 
-import psutil
 import pytest
 
-from conftest import REPO, VENV_BIN
+from helpers import REPO, VENV_BIN, free_port, kill_all, processes_mentioning
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "ray"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _ray_processes(temp_dir: str) -> list[psutil.Process]:
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return procs
 
 
 @pytest.fixture
@@ -48,7 +29,7 @@ def two_node_cluster(home):
     # Ray's socket paths live under the temp dir and must stay under 107 bytes: pytest's
     # tmp_path is too deep, so use a short folder straight under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     # Ray turns token authentication on by default; every CLI call must then say so.
@@ -61,19 +42,11 @@ def two_node_cluster(home):
         assert worker.returncode == 0, worker.stderr[-3000:]
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
-        for p in _ray_processes(temp_dir):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(processes_mentioning(temp_dir))
         # Processes started without the temp dir on their command line (the second raylet's
         # helpers) are found through the session folder they hold open.
         time.sleep(1)
-        for p in _ray_processes(temp_dir):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(processes_mentioning(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 from lorafleet.compare import PROMPT_RUNGS, RUNGS, load_compare_config, parse_compare_config
 from lorafleet.config import ConfigError

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from lorafleet.config import ConfigError, FinetuneConfig, apply_overrides, load_config, parse_config
 
 TRAIN_CONFIGS = sorted(

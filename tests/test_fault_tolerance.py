@@ -9,8 +9,6 @@ most one checkpoint interval redone after the last *registered* checkpoint" (doc
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 import uuid
@@ -19,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import LORAFLEET, REPO
+from helpers import LORAFLEET, REPO, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -136,14 +134,7 @@ def test_killed_driver_continues_with_resume(env, home):
                    "--set", f"run.name={run_name}", "--set", "name=kill-driver", *SMALL,
                    "--set", "method.name=full", "--set", "scaling.strategy=fsdp", "--set", "train.lr=5e-4"], env)
     registered = _wait_for_checkpoint(proc, run_dir)
-    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait(timeout=30)
-    for pid in family:  # Ray daemons that left the process group
-        try:
-            psutil.Process(pid).kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop_tree(proc, group=True)  # the driver and the local Ray it started, at once
     assert not (home / "registry" / "kill-driver").exists(), "a half-trained run must not be registered"
 
     out = subprocess.run([LORAFLEET, "train", "--resume", str(run_dir), "--quiet", "--json"], cwd=REPO, env=env,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import last_json, run_cli
+from helpers import last_json, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,9 @@ repo root and inside a Ray worker whose working dir is the repo (as with `ray jo
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from helpers import REPO
 
 
 def test_no_platform_package_file():
@@ -35,6 +37,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_stdlib_platform_inside_ray_worker():
     # A job-level working_dir (as `ray job submit --working-dir .` sets) puts the uploaded repo first
     # on every worker's sys.path: the worker must still import the standard library's platform.

@@ -30,7 +30,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import LORAFLEET, REPO
+from helpers import LORAFLEET, REPO
 
 pytestmark = pytest.mark.slow
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import LORAFLEET, REPO, run_cli
+from helpers import LORAFLEET, REPO, run_cli, stop_tree
 from lorafleet.config import ConfigError
 from lorafleet.sweep import (
     EVENTS_FILE,
@@ -23,12 +21,12 @@ from lorafleet.sweep import (
     RESULTS_FILE,
     TABLE_FILE,
     SweepReport,
+    _param_space,
     load_sweep,
     plot,
     print_table,
     trial_config,
 )
-from lorafleet.sweep.tuner import _param_space
 
 SWEEP_YAML = REPO / "configs" / "tiny" / "sweep-classification.yaml"
 
@@ -124,7 +122,7 @@ def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
     import ray.cloudpickle as cloudpickle
     from ray.tune.schedulers import TrialScheduler
 
-    from lorafleet.sweep.tuner import _asha
+    from lorafleet.sweep import _asha
 
     spec = load_sweep(SWEEP_YAML, ["overrides.train.max_steps=120", "scheduler.grace_period=30"], home=tmp_path, name="a")
     Path(spec.sweep_dir).mkdir(parents=True)
@@ -178,16 +176,6 @@ def _terminated(sweep_dir: Path) -> set[str]:
     return done
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, then make sure the Ray it started (its descendants) is gone too."""
-    family = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(family, timeout=60)  # Ray's reaper stops its processes when the driver dies
-    for p in alive:
-        p.kill()
-
-
 @pytest.mark.slow
 def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, str], tmp_path: Path) -> None:
     ray_tmp = Path(f"/tmp/lfsw-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
@@ -205,14 +193,14 @@ def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, 
             assert proc.poll() is None, f"sweep ended early:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
             assert time.time() < deadline, "two trials did not finish in 600 s"
             time.sleep(1)
-        _kill_tree(proc)
+        stop_tree(proc, reap=60)  # SIGKILL the driver; the Ray it started goes with it
         killed_at = time.time()
 
         # 2. Resume; it must finish the other trials without re-running the finished two.
         out = run_cli(["sweep", "--resume", str(sweep_dir), "--promote", "--json"], env, timeout=900)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            stop_tree(proc, reap=60)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"sweep: first driver {killed_at - started:.0f} s, total {time.time() - started:.0f} s")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import last_json, run_cli
+from helpers import last_json, run_cli
 
 pytestmark = pytest.mark.slow
 

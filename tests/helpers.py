@@ -1,0 +1,125 @@
+"""Plain helpers the tests share: paths, running the CLI as a user does, ports, stopping processes.
+
+Fixtures live in conftest.py; everything a test imports lives here (`from helpers import ...`:
+pytest puts tests/ on sys.path, see pyproject's `pythonpath`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import psutil
+
+__all__ = [
+    "LORAFLEET", "REPO", "VENV_BIN", "built_base", "cli_env", "free_port", "kill_all", "last_json",
+    "processes_mentioning", "run_cli", "stop_tree",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+LORAFLEET = str(VENV_BIN / "lorafleet")
+
+
+def built_base() -> Path:
+    """The pre-trained tiny base model (built if missing)."""
+    home = Path(os.environ.get("LORAFLEET_HOME", REPO / ".lorafleet")).resolve()
+    base = home / "models" / "tiny"
+    if not (base / "config.json").exists():
+        subprocess.run([LORAFLEET, "base", "build", "--out", str(base)], check=True, cwd=REPO)
+    return base
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """Environment for running the CLI/jobs as a user would, against ``home``."""
+    e = dict(os.environ)
+    e["LORAFLEET_HOME"] = str(home)
+    e.pop("RAY_ADDRESS", None)  # each CLI run starts its own private local Ray
+    return e
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `lorafleet ARGS` in the repo root, the way a user does."""
+    proc = subprocess.run([LORAFLEET, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lorafleet {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON summary a `--json` command prints as its last line."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(low: int = 20000, high: int = 29999) -> int:
+    """A port that is free now and stays so until the server binds it: clear of Ray's worker ports
+    (10002-19999), Serve's direct-ingress ports (30000+) and the kernel's ephemeral range (32768+),
+    where Ray's own sockets and outgoing connections land; never the same one twice per session."""
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def kill_all(procs: Iterable[psutil.Process]) -> None:
+    """SIGKILL each process that is still there."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def processes_mentioning(text: str) -> list[psutil.Process]:
+    """Processes with ``text`` in their command line (e.g. one Ray cluster's temp dir)."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in p.info["cmdline"] or []):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return procs
+
+
+def stop_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL, *, wait: float = 30, reap: float = 0,
+              group: bool = False) -> None:
+    """Stop a CLI process and the local Ray it started.
+
+    Sends ``sig`` to ``proc`` (to its whole process group with ``group``, which needs
+    ``start_new_session=True``), waits up to ``wait`` s for it, then gives its descendants up to
+    ``reap`` s to go (Ray's reaper stops its processes when the driver dies) and SIGKILLs the rest:
+    Ray daemons can leave the process group."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(family, timeout=reap)
+    kill_all(alive)
