@@ -21,12 +21,12 @@ from lorafleet.sweep import (
     RESULTS_FILE,
     TABLE_FILE,
     SweepReport,
-    _param_space,
     load_sweep,
     plot,
     print_table,
     trial_config,
 )
+from lorafleet.sweep.tuner import _param_space
 
 SWEEP_YAML = REPO / "configs" / "tiny" / "sweep-classification.yaml"
 
@@ -122,7 +122,7 @@ def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
     import ray.cloudpickle as cloudpickle
     from ray.tune.schedulers import TrialScheduler
 
-    from lorafleet.sweep import _asha
+    from lorafleet.sweep.tuner import _asha
 
     spec = load_sweep(SWEEP_YAML, ["overrides.train.max_steps=120", "scheduler.grace_period=30"], home=tmp_path, name="a")
     Path(spec.sweep_dir).mkdir(parents=True)
