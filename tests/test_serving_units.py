@@ -65,7 +65,7 @@ def test_settings_errors_say_the_fix():
 
 def test_catalog_resolves_names_versions_and_refuses_the_rest(registry):
     from lorafleet.serving.adapters import AdapterCatalog
-    from lorafleet.serving.protocol import ServingError
+    from lorafleet.serving.errors import ServingError
 
     cat = AdapterCatalog(registry.root, "tiny", max_lora_rank=16)
     assert cat.available() == ["notes-lora", "tickets-lora"]  # full-model is not a LoRA adapter
@@ -178,52 +178,57 @@ def test_classify_scores_equal_label_probs_with_a_transformers_engine(registry, 
     from peft import PeftModel
 
     from lorafleet.base_model import load_model, load_tokenizer
+    from lorafleet.config.serve import ServeSettings
     from lorafleet.data import prompt_ids, target_ids
     from lorafleet.evaluate import label_probs
     from lorafleet.serving.adapters import AdapterCatalog
-    from lorafleet.serving.app import LorafleetIngress
-    from lorafleet.serving.metrics import RequestMetrics
+    from lorafleet.serving.handlers import TaskHandlers
+    from lorafleet.serving.models import ServingModels
     from lorafleet.serving.protocol import ClassifyRequest
-    from lorafleet.config.serve import ServeSettings
     from lorafleet.tasks import get_task
 
     entry = registry.resolve("tickets-lora@1")
     model = PeftModel.from_pretrained(load_model(str(base), "float32"), str(entry.path)).eval()
     tok = load_tokenizer(str(base))
-    seen: dict = {}
 
-    async def fake_complete(model_id, prompts, *, max_tokens, logprobs, logprob_token_ids, **kwargs):
-        """Answers like vLLM's completions with logprob_token_ids: one choice per prompt (here in
-        reverse order, so the mapping must go by index), the sampled token included in the row."""
-        seen.update(model_id=model_id, wanted=list(logprob_token_ids), n=len(prompts))
-        choices = []
-        for i, p in enumerate(prompts):
-            with torch.no_grad():
-                row = torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1].float(), -1)
-            ids = [int(row.argmax()), *logprob_token_ids]
-            top = {f"token_id:{t}": float(row[t]) for t in ids}
-            choices.append(SimpleNamespace(index=i, logprobs=SimpleNamespace(top_logprobs=[top])))
-        return SimpleNamespace(choices=choices[::-1])
+    class TransformersEngine:
+        """An Engine (serving.engine.Engine) that answers like vLLM's completions with
+        logprob_token_ids: one choice per prompt (here in reverse order, so the mapping must go by
+        index), the sampled token included in the row. Records each call."""
 
-    ingress = object.__new__(LorafleetIngress)
-    ingress.settings = ServeSettings(home=str(registry.root.parent), tasks={"classification": "tickets-lora"})
-    ingress.base_id = "tiny"
-    ingress.catalog = AdapterCatalog(registry.root, "tiny", max_lora_rank=16)
-    ingress.tokenizer = tok
-    ingress.tasks = {"classification": get_task("classification")}
-    ingress.metrics = RequestMetrics()
-    ingress._complete = fake_complete
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        async def complete(self, model_id, prompts, *, max_tokens, logprobs, logprob_token_ids, **kwargs):
+            self.calls.append(dict(model_id=model_id, wanted=list(logprob_token_ids), n=len(prompts)))
+            choices = []
+            for i, p in enumerate(prompts):
+                with torch.no_grad():
+                    row = torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1].float(), -1)
+                ids = [int(row.argmax()), *logprob_token_ids]
+                top = {f"token_id:{t}": float(row[t]) for t in ids}
+                choices.append(SimpleNamespace(index=i, logprobs=SimpleNamespace(top_logprobs=[top])))
+            return SimpleNamespace(choices=choices[::-1])
+
+        async def check_health(self) -> None:
+            pass
+
+    engine = TransformersEngine()
+    settings = ServeSettings(home=str(registry.root.parent), tasks={"classification": "tickets-lora"})
+    models = ServingModels(AdapterCatalog(registry.root, "tiny", max_lora_rank=16), "tiny")
+    handlers = TaskHandlers(engine, settings, models, tok)
 
     task = get_task("classification")
     text = "I forgot my password and cannot log in"
-    body = asyncio.run(ingress.classify(ClassifyRequest(text=text)))
+    body = asyncio.run(handlers.classify(ClassifyRequest(text=text)))
+    seen = engine.calls[-1]
     assert seen["model_id"] == "tiny:tickets-lora@1" and body.adapter == "tickets-lora@1"
     # The training/eval target contract: " " + label, then EOS (" billing" is one token, "billing" three).
     assert set(seen["wanted"]) == {t for lab in task.labels for t in target_ids(tok, lab)}
     want = label_probs(model, tok, [prompt_ids(tok, task.instruction({"text": text}))], list(task.labels))[0]
     for j, lab in enumerate(task.labels):
         assert body.scores[lab] == pytest.approx(float(want[j]), abs=1e-5), (body.scores, want)
-    sub = asyncio.run(ingress.classify(ClassifyRequest(text=text, labels=["billing", "account"])))
+    sub = asyncio.run(handlers.classify(ClassifyRequest(text=text, labels=["billing", "account"])))
     pair = torch.softmax(torch.log(want[[0, 2]]), -1)  # narrowing = renormalizing over the subset
     assert sub.scores["billing"] == pytest.approx(float(pair[0]), abs=1e-5)
 
@@ -272,3 +277,54 @@ def test_fast_path_env_names_exist_in_ray_serve():
     for key in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}:
         assert f'"{key}"' in source, key
 
+
+
+def test_task_handlers_route_cap_and_refuse_through_a_recording_engine(registry, tmp_path):
+    """The generating endpoints through a fake engine: the routed exact version, the capped token
+    budget, the stripped text, and the errors that never reach the engine."""
+    from types import SimpleNamespace
+
+    from lorafleet.base_model import load_tokenizer
+    from lorafleet.config.serve import ServeSettings
+    from lorafleet.serving.adapters import AdapterCatalog
+    from lorafleet.serving.errors import ServingError
+    from lorafleet.serving.handlers import TaskHandlers
+    from lorafleet.serving.models import ServingModels
+    from lorafleet.serving.protocol import QARequest, SummarizeRequest, TranslateRequest
+
+    class RecordingEngine:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, list[list[int]], dict]] = []
+
+        async def complete(self, model_id, prompts, **kwargs):
+            self.calls.append((model_id, prompts, kwargs))
+            return SimpleNamespace(choices=[SimpleNamespace(index=0, text="  a short note \n")])
+
+        async def check_health(self) -> None:
+            pass
+
+    engine = RecordingEngine()
+    settings = ServeSettings(home=str(tmp_path), tasks={"summarization": "notes-lora"})
+    models = ServingModels(AdapterCatalog(registry.root, "tiny", max_lora_rank=16), "tiny")
+    tok = load_tokenizer(str(Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")) / "models" / "tiny"))
+    handlers = TaskHandlers(engine, settings, models, tok)
+
+    out = asyncio.run(handlers.summarize(SummarizeRequest(text="the meeting moved to friday", max_tokens=10_000)))
+    assert (out.summary, out.adapter) == ("a short note", "notes-lora@1")
+    model_id, prompts, kwargs = engine.calls[-1]
+    assert model_id == "tiny:notes-lora@1" and len(prompts) == 1 and kwargs == {"max_tokens": settings.max_tokens}
+    refusals = {
+        422: TranslateRequest(text="the cat sleeps"),  # no adapter mapped for translation
+        404: QARequest(question="where?", collection="nope"),
+        413: SummarizeRequest(text="word " * settings.max_model_len),
+    }
+    for status, request in refusals.items():
+        method = {TranslateRequest: handlers.translate, QARequest: handlers.qa, SummarizeRequest: handlers.summarize}
+        with pytest.raises(ServingError) as err:
+            asyncio.run(method[type(request)](request))
+        assert err.value.status == status, (status, err.value.body)
+    with pytest.raises(ServingError, match="not supported"):
+        asyncio.run(handlers.translate(TranslateRequest(text="x", adapter="base", target_lang="french")))
+    assert len(engine.calls) == 1  # none of the refusals reached the engine
+    assert b'lorafleet_requests_total{adapter="notes-lora@1",endpoint="summarize",status="413"} 1.0' \
+        in handlers.metrics.render()

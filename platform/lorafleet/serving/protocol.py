@@ -1,12 +1,11 @@
-"""Request and response models of the task endpoints, and the OpenAI-shaped error body.
+"""Request and response models of the task endpoints and /healthz.
 
 The OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions) use Ray Serve
-LLM's (= vLLM's) own protocol models; only lorafleet's task endpoints are defined here.
+LLM's (= vLLM's) own protocol models; only lorafleet's task endpoints are defined here. The
+OpenAI-shaped error body is in ``errors.py``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,9 +20,6 @@ __all__ = [
     "QAResponse",
     "Source",
     "HealthResponse",
-    "ErrorBody",
-    "ErrorResponse",
-    "ServingError",
 ]
 
 _ADAPTER = Field(
@@ -122,28 +118,3 @@ class QAResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     model: str
-
-
-class ErrorBody(BaseModel):
-    """OpenAI's error object, plus the valid options where there are any."""
-
-    message: str
-    type: str
-    code: int
-    param: str | None = None
-    available: list[str] | None = None
-    fields: list[dict[str, Any]] | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-class ServingError(Exception):
-    """An error with an HTTP status; the app renders it as an OpenAI-shaped :class:`ErrorResponse`."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, available: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorBody(message=message, type=type, code=status, param=param, available=available)

