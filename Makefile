@@ -1,5 +1,6 @@
-# The two commands of the contract: `make demo` and `make test`. Both set everything up from a
-# fresh clone: the venv, the packages (versions verified in ../shared/ENV.md), the tiny base model.
+# The two commands of the contract: `make demo` and `make test` (`make test-fast`: the quick loop).
+# All set everything up from a fresh clone: the venv, the packages (versions verified in
+# ../shared/ENV.md), the tiny base model.
 SHELL := /bin/bash
 PY := .venv/bin/python
 HOME_DIR ?= $(CURDIR)/.lorafleet
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 BASE := $(HOME_DIR)/models/tiny
 
-.PHONY: demo test venv base clean bench
+.PHONY: demo test test-fast venv base clean bench
 
 venv: .venv/.installed
 
@@ -27,15 +28,26 @@ venv: .venv/.installed
 
 base: $(BASE)/config.json
 
-$(BASE)/config.json: .venv/.installed
+# Order-only: a venv re-install (any pyproject.toml edit) must not rebuild the base model that
+# every registered adapter was trained on.
+$(BASE)/config.json: | .venv/.installed
 	.venv/bin/lorafleet base build --out $(BASE)
 
 # Each task's adapter against the untuned base model (a table), then all of them served and called.
 demo: venv base
 	$(PY) jobs/demo.py
 
+# pytest's exit 5 ("no tests ran") counts as a failure: a broken selection must not pass.
+PYTEST = bash -c '$(PY) -m pytest -q $(1) tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
+
+# Everything: unit tests, training, sweeps, the 2-node cluster, serving (~20 min on 2 cores).
 test: venv base
-	bash -c '$(PY) -m pytest -q --durations=15 tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
+	$(call PYTEST,--durations=15)
+
+# The contributor's loop: unit and component tests only, no Ray start, no training, no serving
+# (1-1.5 min on 2 cores). Tests that start Ray are marked `slow` (pyproject.toml).
+test-fast: venv base
+	$(call PYTEST,--durations=5 -m "not slow and not cluster and not gpu")
 
 bench: venv base
 	$(PY) bench/train_overhead.py
