@@ -1,9 +1,10 @@
-"""End-to-end serving: `lorafleet serve CONFIG` (real Ray Serve LLM + vLLM CPU engine), once per
-ingress mode: `colocated` (the default for one replica: routes and engine in one replica) runs every
-test; `separate` (an ingress deployment in front of the engine, Ray Serve's multiplexed routing; the
-default for several replicas) runs the tests whose code path differs there (engine calls through a
-deployment handle, adapter loading by multiplexed id under concurrency, readiness, errors raised in
-another process, promotion) and skips the rest, whose routes are the same code in both modes.
+"""End-to-end serving: `lorafleet serve CONFIG` (real Ray Serve LLM + vLLM CPU engine) in the
+default ingress mode for one replica, `colocated` (routes and engine in one replica): every test.
+tests/test_serving_separate.py starts the other mode, `separate` (an ingress deployment in front of
+the engine, Ray Serve's multiplexed routing; the default for several replicas), and runs there the
+tests of this module whose code path differs (engine calls through a deployment handle, adapter
+loading by multiplexed id under concurrency, readiness, errors raised in another process,
+promotion); the rest are the same route code in both modes and run here only.
 
 The two served adapters are trained for real (classification and summarization, by the session's
 `trained` fixture, which the task-adapter acceptance tests share) and copied into this module's
@@ -15,22 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from helpers import LORAFLEET, REPO
+from helpers import LORAFLEET, REPO, free_port, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -47,26 +46,43 @@ TEXTS = [
 ]
 
 
-def _free_port() -> int:
-    for _ in range(200):
-        port = random.randint(18000, 18999)
-        with socket.socket() as s:
+def _write_serve_config(serve_home: Path, port: int, ingress: str) -> Path:
+    config = serve_home / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
+            "logging_config": {"enable_access_log": False},
+            "args": {"model_id": "tiny", "base_model": "${home}/models/tiny",
+                     "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
+                     "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY], "ingress": ingress},
+        }],
+    }))
+    return config
+
+
+def _wait_ready(proc: subprocess.Popen, log: Path, port: int, started: float) -> list:
+    """Probe /healthz every second until the CLI says it serves: [(status code or None = no
+    answer, JSON body or text)]."""
+    health = []
+    while "lorafleet serving at" not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-5000:]
+        assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
             try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 18000-18999")
+                health.append((r.status_code, r.json()))
+            except ValueError:  # HAProxy's own text answers while no replica is up
+                health.append((r.status_code, r.text))
+        except httpx.HTTPError:
+            health.append((None, None))
+        time.sleep(1)
+    return health
 
 
-def _colocated_only(stack) -> None:
-    if stack["mode"] != "colocated":
-        pytest.skip("same route code in both ingress modes: run once, in the default (colocated)")
-
-
-@pytest.fixture(scope="module", params=["colocated", "separate"])
-def stack(request, tmp_path_factory, trained, home, base_model):
-    """Registry with two trained adapters (two tasks), `lorafleet serve` running it, and the tokenizer."""
+def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_model: Path) -> Iterator[dict]:
+    """Registry with two trained adapters (two tasks), `lorafleet serve` running it in ``ingress``
+    mode, and the tokenizer; the body of each serving module's `stack` fixture."""
     from lorafleet.base_model import load_tokenizer
     from lorafleet.data import prompt_ids
     from lorafleet.registry import Registry
@@ -85,68 +101,39 @@ def stack(request, tmp_path_factory, trained, home, base_model):
     b = reg.register("notes-lora", *served["notes-lora"])
 
     # Started the way users start it: `lorafleet serve CONFIG` (its own local Ray), in a subprocess.
-    port = _free_port()
-    config = serve_home / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
-            "logging_config": {"enable_access_log": False},
-            "args": {"model_id": "tiny", "base_model": "${home}/models/tiny",
-                     "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
-                     "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY], "ingress": request.param},
-        }],
-    }))
+    port = free_port()
+    config = _write_serve_config(serve_home, port, ingress)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = (serve_home / "serve.log").open("w")
+    log_path = serve_home / "serve.log"
+    log = log_path.open("w")
     started = time.time()
     proc = subprocess.Popen([LORAFLEET, "serve", str(config), "--home", str(serve_home), "--num-cpus", "4"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    health = []  # (status code or None = no answer, JSON body or text) of /healthz probes while it starts
     try:
-        while "lorafleet serving at" not in (serve_home / "serve.log").read_text():
-            assert proc.poll() is None, (serve_home / "serve.log").read_text()[-5000:]
-            assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-                try:
-                    health.append((r.status_code, r.json()))
-                except ValueError:  # HAProxy's own text answers while no replica is up
-                    health.append((r.status_code, r.text))
-            except httpx.HTTPError:
-                health.append((None, None))
-            time.sleep(1)
+        health = _wait_ready(proc, log_path, port, started)
         seen = dict(Counter(str(code) for code, _ in health))  # in order of first appearance
-        print(f"lorafleet serve ({request.param}) ready in {time.time() - started:.1f} s; "
+        print(f"lorafleet serve ({ingress}) ready in {time.time() - started:.1f} s; "
               f"/healthz while starting: {seen}")
         # `lorafleet serve` runs Ray Serve's throughput-optimized mode with HAProxy in front
         # (SERVE_FAST_PATH_ENV): every test below goes through that path.
-        assert "HAProxy is enabled" in (serve_home / "serve.log").read_text()
-        deployment = "LorafleetServer:tiny" if request.param == "colocated" else "LorafleetIngress"
-        assert f"ServeReplica:lorafleet:{deployment}" in (serve_home / "serve.log").read_text()
+        assert "HAProxy is enabled" in log_path.read_text()
+        deployment = "LorafleetServer:tiny" if ingress == "colocated" else "LorafleetIngress"
+        assert f"ServeReplica:lorafleet:{deployment}" in log_path.read_text()
         tok = load_tokenizer(str(base))
         prompts = [prompt_ids(tok, f"Classify the support ticket.\nTicket: {t}\nLabel:\n") for t in TEXTS]
         yield {
             "url": f"http://127.0.0.1:{port}", "home": serve_home, "base": base, "registry": reg,
             "adapters": {"tickets-lora": a, "notes-lora": b}, "tok": tok, "prompts": prompts, "work": work,
-            "startup_health": health, "mode": request.param,
+            "startup_health": health, "mode": ingress,
         }
     finally:
-        try:
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        proc.send_signal(signal.SIGTERM)  # the CLI shuts Serve and its Ray down
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
-        for p in family:  # whatever did not stop with it
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_tree(proc, signal.SIGTERM, wait=90)  # the CLI shuts Serve and its Ray down; then the rest
         log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, trained, home, base_model):
+    yield from serving_stack("colocated", tmp_path_factory, trained, home, base_model)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +233,6 @@ def test_64_concurrent_requests_over_two_adapters_and_base(stack, reference):
 
 
 def test_openai_client_completions_chat_streaming(stack, reference):
-    _colocated_only(stack)
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=stack["url"] + "/v1", api_key=API_KEY)
     tok = stack["tok"]
@@ -280,7 +266,6 @@ def test_openai_client_completions_chat_streaming(stack, reference):
 
 
 def test_classify_answers_one_of_the_labels(stack):
-    _colocated_only(stack)
     from lorafleet.tasks import get_task
 
     labels = get_task("classification").labels
@@ -300,7 +285,6 @@ def test_classify_answers_one_of_the_labels(stack):
 def test_classify_matches_label_probs(stack):
     """Served scores equal evaluate.label_probs (transformers+peft, fp32), for an adapter and the
     base model, with both classify requests in flight together (their prefix rows share engine steps)."""
-    _colocated_only(stack)
     from peft import PeftModel
 
     from lorafleet.base_model import load_model
@@ -327,7 +311,6 @@ def test_classify_matches_label_probs(stack):
 
 
 def test_generation_endpoints_and_rag(stack, tmp_path):
-    _colocated_only(stack)
     from lorafleet.serving.rag import index_folder
 
     docs = tmp_path / "docs"
@@ -452,7 +435,6 @@ def test_promotion_while_requests_run(stack):
 
 
 def test_openapi_schema_has_task_models(stack):
-    _colocated_only(stack)
     with _client(stack) as c:
         schema = c.get("/openapi.json").json()
     for path in ("/v1/classify", "/v1/summarize", "/v1/translate", "/v1/qa", "/v1/completions"):
