@@ -237,25 +237,17 @@ def run_prompt_lab(
     Returns:
         One row per template: name, k, metrics, seconds, tokens/s, shots used, a sample prediction.
     """
-    from lorafleet.data import read_split
     from lorafleet.evaluate import load_for_eval, run_device
-    from lorafleet.tasks import get_task
+    from lorafleet.run import read_rows, task_labels
 
-    task = get_task(cfg.task.name)
+    task, labels = task_labels(cfg)
     problems = template_problems(templates, task)
     if problems:
         from lorafleet.config import ConfigError
 
         raise ConfigError("prompt templates", problems)
-    labels = list(cfg.task.labels or task.labels) or None
-    sizes = cfg.data.synthetic_sizes
-
-    def rows(name: str) -> list[dict[str, Any]]:
-        return [ex.row for ex in read_split(getattr(cfg.data, name), task, name, fields=cfg.data.fields,
-                                            synthetic_n=sizes.get(name), seed=cfg.data.seed)]
-
-    test_rows = rows(split)[:limit]
-    train_rows = rows("train") if any(t.k for t in templates) else []
+    test_rows = read_rows(cfg, split)[:limit]
+    train_rows = read_rows(cfg, "train") if any(t.k for t in templates) else []
     model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
                                            run_device(cfg.scaling.use_gpu))
     if info["kind"] in ("head", "feature"):
