@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 
-from lorafleet.config import FinetuneConfig, dump_config
+from lorafleet.config import FinetuneConfig, dump_config, read_yaml, validate
 
 __all__ = [
     "ARTIFACT_DIR",
@@ -145,7 +144,7 @@ def run_dir_config(run_dir: str | Path) -> FinetuneConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a lorafleet run folder (…/runs/<run-name>)?")
-    return FinetuneConfig.model_validate(yaml.safe_load(path.read_text()))
+    return validate(FinetuneConfig, read_yaml(path, "run config"), str(path))
 
 
 # --- data ---------------------------------------------------------------------------------------------
