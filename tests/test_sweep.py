@@ -1,5 +1,5 @@
 """Sweeps: the sweep config, search spaces and results files (fast, no Ray), and one end-to-end
-6-trial ASHA sweep whose driver is killed after two trials finished and then resumed (slow).
+4-trial ASHA sweep whose driver is killed after two trials finished and then resumed (slow).
 """
 
 from __future__ import annotations
@@ -146,13 +146,15 @@ def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
 
 # --- slow: a real sweep, killed and resumed ---------------------------------------------------------
 
-# Grid: 2 ranks x 3 learning rates. At lr 2.5e-3 (batch 32) the task leaves chance by step 60-90
-# (docs/SWEEPS.md); at 1e-4 and 3e-4 it is still near chance at the rung (step 90), so whichever
-# slow trial reaches the rung after a learning one is stopped (reduction_factor 3: below the
-# 67th percentile). Trials start in grid order, 2 at a time.
+# Grid: 2 ranks x 2 learning rates, 4 trials (enough for ASHA and the resume; the table and plot
+# have their own fast test above). At lr 2.5e-3 (batch 32) the task leaves chance by step 60-90
+# (docs/SWEEPS.md); at 1e-4 it is still near chance at the rung (step 90), so whichever slow
+# trial reaches the rung after a learning one is stopped (reduction_factor 3: below the 67th
+# percentile). Trials start in grid order, 2 at a time: the two lr 2.5e-3 trials first, so the
+# two slow ones meet the rung after the resume, through the replayed rungs.
 SMALL = [
     "--set", "search.algorithm=grid", "--set", "search.num_samples=1", "--set", "search.max_concurrent_trials=2",
-    "--set", "space.method.lora.r={choice: [4, 8]}", "--set", "space.train.lr={grid: [2.5e-3, 1.0e-4, 3.0e-4]}",
+    "--set", "space.method.lora.r={choice: [4, 8]}", "--set", "space.train.lr={grid: [2.5e-3, 1.0e-4]}",
     "--set", "scheduler.grace_period=90", "--set", "scheduler.reduction_factor=3",
     "--set", "overrides.train.max_steps=120", "--set", "overrides.train.eval_every=30",
     "--set", "overrides.train.log_every=10", "--set", "overrides.train.eval_samples=32",
@@ -208,7 +210,7 @@ def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, 
 
     results = json.loads((sweep_dir / RESULTS_FILE).read_text())
     trials = {t["trial_id"]: t for t in results["trials"]}
-    assert len(results["trials"]) == len(trials) == 6
+    assert len(results["trials"]) == len(trials) == 4
     assert all(t["status"] in ("done", "asha") for t in trials.values()), [t["error"] for t in trials.values()]
     assert all(t["steps"] == MAX_STEPS for t in trials.values() if t["status"] == "done")
     # ASHA stopped at least one trial at its rung (step 90) and logged it.
