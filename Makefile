@@ -45,7 +45,7 @@ test: venv base
 	$(call PYTEST,--durations=15)
 
 # The contributor's loop: unit and component tests only, no Ray start, no training, no serving
-# (1-1.5 min on 2 cores). Tests that start Ray are marked `slow` (pyproject.toml).
+# (30-80 s on 2 cores). Tests that start Ray are marked `slow` (pyproject.toml).
 test-fast: venv base
 	$(call PYTEST,--durations=5 -m "not slow and not cluster and not gpu")
 
