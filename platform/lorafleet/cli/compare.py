@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorafleet.cli._args import add_overrides
+
 __all__ = ["add_parser", "cmd_compare", "cmd_prompts"]
 
 
@@ -93,8 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `compare` and `prompts`."""
     p = sub.add_parser("compare", help="run the method ladder (prompting ... full fine-tuning) and report it")
     p.add_argument("config", help="compare YAML (see configs/tiny/compare-*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override of the compare config, e.g. base.train.max_steps=60 or rungs=[lora,full]")
+    add_overrides(p, "dotted override of the compare config, e.g. base.train.max_steps=60 or rungs=[lora,full]")
     p.add_argument("--out", help="the ladder's folder (default: <output_dir>/<name>-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (progress goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no live training progress")
@@ -103,7 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prompts", help="prompt lab: score prompt templates (wording, zero/few-shot) on a model")
     p.add_argument("config", help="a compare YAML (uses its `prompts:` templates) or a training YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override of the config")
+    add_overrides(p, "dotted override of the config")
     p.add_argument("--template", action="append", metavar="TEXT",
                    help="an instruction format string instead of the config's templates, e.g. "
                         "'Ticket: {text}\\nQueue:\\n' (repeatable; '\\n' is a newline)")

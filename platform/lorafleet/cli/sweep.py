@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lorafleet.cli._args import add_overrides
+
 __all__ = ["add_parser", "cmd_sweep"]
 
 
@@ -27,8 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `sweep`."""
     p = sub.add_parser("sweep", help="hyperparameter sweep on Ray Tune (ASHA, random/grid/optuna); registers the best")
     p.add_argument("config", nargs="?", help="sweep YAML (see configs/tiny/sweep-classification.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override of the sweep YAML, e.g. search.num_samples=4 or overrides.train.max_steps=60")
+    add_overrides(p, "dotted override of the sweep YAML, e.g. search.num_samples=4 or overrides.train.max_steps=60")
     p.add_argument("--name", help="sweep folder name (default: <sweep name>-<UTC time>, always new)")
     p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not re-run")
     p.add_argument("--promote", action="store_true", help="make the registered winner live")

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lorafleet.cli._args import add_overrides
+
 __all__ = ["add_parser", "cmd_base_build", "cmd_base_import_gguf", "cmd_train", "cmd_eval"]
 
 
@@ -87,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser("train", help="fine-tune from a YAML config on Ray Train and register the artifact")
     train.add_argument("config", nargs="?", help="YAML config (see configs/)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. train.lr=3e-4")
+    add_overrides(train, "dotted override, e.g. train.lr=3e-4")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     train.add_argument("--quiet", action="store_true", help="no live progress display")
@@ -96,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a registered artifact (or the bare base model) on a split")
     ev.add_argument("artifact", help="registry ref (name, name@version) or 'base'")
     ev.add_argument("--config", help="config for the task/data when evaluating 'base' (default: the artifact's own)")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(ev)
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--limit", type=int, help="score only the first N rows")
     ev.add_argument("--out", help="also write the metrics JSON here")
