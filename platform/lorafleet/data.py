@@ -66,7 +66,11 @@ def _iter_hub(spec: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
     _, _, rest = spec.partition(":")
     dataset_id, _, hub_split = rest.partition(":")
-    ds = datasets.load_dataset(dataset_id, split=hub_split or split)
+    if (Path(dataset_id) / "state.json").is_file() or (Path(dataset_id) / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(dataset_id)  # a Dataset(Dict).save_to_disk folder: no network
+        ds = ds[hub_split or split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:  # a hub id, or a local folder of data files (parquet, csv, json) that load_dataset reads
+        ds = datasets.load_dataset(dataset_id, split=hub_split or split)
     for i, obj in enumerate(ds):
         yield f"{spec} row {i + 1}", dict(obj)
 

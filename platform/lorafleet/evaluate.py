@@ -245,8 +245,8 @@ def evaluate_artifact(
         cfg = load_config(config, overrides, home) if config else parse_config(
             apply_overrides(entry.metadata["config"], overrides or []), f"{entry.ref} metadata", home
         )
-    task = get_task(cfg.task.name)
-    labels = list(cfg.task.labels or task.labels) or None
+    task = get_task(cfg.task)  # configured: the run's labels, languages and instruction
+    labels = list(task.labels) or None
     sizes = cfg.data.synthetic_sizes
     examples = read_split(getattr(cfg.data, split), task, split, fields=cfg.data.fields,
                           synthetic_n=sizes.get(split), seed=cfg.data.seed)

@@ -31,6 +31,7 @@ __all__ = [
     "place_run",
     "read_rows",
     "register_artifact",
+    "resolve_labels",
     "run_dir_config",
     "run_metadata",
     "score_checkpoint",
@@ -125,6 +126,7 @@ def place_run(cfg: FinetuneConfig, resume_dir: str | Path | None = None) -> RunP
     """Where a run lives. A fresh run always gets a unique name: reusing (name, storage_path) makes
     Ray Train resume the old run, which only an explicit `resume_dir` (--resume, or a sweep trial
     restarted by Tune) may do."""
+    cfg = resolve_labels(cfg)  # the run's config names its label set (user data without task.labels)
     if resume_dir is not None:
         resume_dir = Path(resume_dir).resolve()
         name, storage = resume_dir.name, str(resume_dir.parent)
@@ -150,21 +152,42 @@ def run_dir_config(run_dir: str | Path) -> FinetuneConfig:
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def task_labels(cfg: FinetuneConfig):
-    """(task, labels): the config's task and its label set (the config's own, else the task's; None
-    for generative tasks)."""
+def resolve_labels(cfg: FinetuneConfig) -> FinetuneConfig:
+    """`cfg` with `task.labels` filled in from the training split when a classification run on the
+    user's data names none: its distinct labels, sorted. The resolved labels then travel with the
+    run's config (workers, checkpoints, registry metadata), so every prompt lists the same labels.
+    Synthetic data keeps the synthetic task's own labels (and `task.labels` stays unset)."""
+    from dataclasses import replace
+
+    from lorafleet.data import DataError, read_split
     from lorafleet.tasks import get_task
 
-    task = get_task(cfg.task.name)
-    return task, list(cfg.task.labels or task.labels) or None
+    if cfg.task.name != "classification" or cfg.task.labels or cfg.data.train == "synthetic":
+        return cfg
+    open_set = replace(get_task(cfg.task), labels=())  # any label passes while the set is collected
+    examples = read_split(cfg.data.train, open_set, "train", fields=cfg.data.fields, seed=cfg.data.seed)
+    labels = sorted({open_set.target(ex.row) for ex in examples})
+    if len(labels) < 2:
+        raise DataError(f"{cfg.data.train}: the training split has only the label(s) {labels}; a classifier "
+                        "needs at least 2 (or list them in task.labels)")
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update={"labels": labels})})
+
+
+def task_labels(cfg: FinetuneConfig):
+    """(task, labels): the config's task, configured, and its label set (`task.labels`, else the
+    training split's, else the synthetic task's; None for generative tasks)."""
+    from lorafleet.tasks import get_task
+
+    task = get_task(resolve_labels(cfg).task)
+    return task, list(task.labels) or None
 
 
 def read_rows(cfg: FinetuneConfig, split: str) -> list[dict[str, Any]]:
     """One split's rows, read exactly as training and `lorafleet eval` read them."""
     from lorafleet.data import read_split
-    from lorafleet.tasks import get_task
 
-    examples = read_split(getattr(cfg.data, split), get_task(cfg.task.name), split, fields=cfg.data.fields,
+    task, _ = task_labels(cfg)
+    examples = read_split(getattr(cfg.data, split), task, split, fields=cfg.data.fields,
                           synthetic_n=cfg.data.synthetic_sizes.get(split), seed=cfg.data.seed)
     return [ex.row for ex in examples]
 
@@ -172,9 +195,8 @@ def read_rows(cfg: FinetuneConfig, split: str) -> list[dict[str, Any]]:
 def load_splits(cfg: FinetuneConfig, tokenizer, labels: list[str] | None) -> dict[str, Any]:
     """Read, validate and encode all splits on the driver, so bad data fails before any worker starts."""
     from lorafleet.data import encode_rows, read_split
-    from lorafleet.tasks import get_task
 
-    task = get_task(cfg.task.name)
+    task, _ = task_labels(cfg)
     sizes = cfg.data.synthetic_sizes
     splits = {
         split: read_split(
@@ -197,11 +219,10 @@ def score_model_dir(model_dir: str | Path, cfg: FinetuneConfig, rows: list[dict[
     """The task's metrics for a saved model folder on `rows`, computed as `lorafleet eval` computes
     them (same loader, dtype and device), so re-evaluating a registered version gives the same number."""
     from lorafleet.evaluate import evaluate_rows, load_for_eval, run_device
-    from lorafleet.tasks import get_task
 
     model, tok, _ = load_for_eval(Path(model_dir), cfg.model.name_or_path, cfg.model.dtype,
                                   run_device(cfg.scaling.use_gpu))
-    return evaluate_rows(model, tok, get_task(cfg.task.name), rows, labels)
+    return evaluate_rows(model, tok, task_labels(cfg)[0], rows, labels)
 
 
 def score_checkpoint(checkpoint: Any, cfg: FinetuneConfig, rows: list[dict[str, Any]],
@@ -221,12 +242,20 @@ def dir_bytes(path: str | Path | None) -> int:
 
 
 def run_metadata(cfg: FinetuneConfig, summary: RunSummary, labels: list[str] | None) -> dict[str, Any]:
-    """The registry metadata of a run's artifact: what it is, how it scored, and its config."""
+    """The registry metadata of a run's artifact: what it is, how it scored, and its config.
+
+    Serving reads `labels` (classification) and `source_lang`/`target_lang` (translation) from it.
+    """
+    from lorafleet.tasks import get_task
+
+    task = get_task(cfg.task)
+    languages = {"source_lang": task.source_lang, "target_lang": task.target_lang} if cfg.task.name == "translation" else {}
     return {
         "base_model": cfg.model.name_or_path,
         "task": cfg.task.name,
         "method": cfg.method.name,
         "labels": labels,
+        **languages,
         "metrics": {"test": summary.test_metrics},
         "trainable_params": summary.trainable_params,
         "total_params": summary.total_params,

@@ -106,7 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # pieces are lorafleet.steps, the checkpoint ones lorafleet.checkpoint.
     _quiet_report_logs()
     cfg = FinetuneConfig.model_validate(loop_config["config"])
-    task = get_task(cfg.task.name)
+    task = get_task(cfg.task)  # configured: the run's labels, languages and instruction
     labels: list[str] | None = loop_config.get("labels")
     val_rows: list[dict] = loop_config.get("val_rows") or []
     ctx = ray.train.get_context()

@@ -58,8 +58,39 @@ class TaskConfig(Section):
         Field("classification", description="Prompt contract, target format and metric.")
     )
     labels: list[str] | None = Field(
-        None, description="Classification labels; default: the synthetic task's labels."
+        None,
+        description="Classification labels, in prompt order. Default: the synthetic task's four labels "
+        "for synthetic data, else the training split's labels, sorted (written back here for the run).",
     )
+    source_lang: str | None = Field(None, description="Translation: source language; default 'English'.")
+    target_lang: str | None = Field(None, description="Translation: target language; default 'Zilan'.")
+    instruction: str | None = Field(
+        None,
+        description="The instruction line of the prompt (summarization, qa, translation, classification); "
+        "default: the task's own. Classification may use '{labels}', translation '{source}' / '{target}'.",
+    )
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> "TaskConfig":
+        problems: list[str] = []
+        if self.labels is not None:
+            clean = [" ".join(str(lab).split()).lower() for lab in self.labels]
+            if len(clean) < 2:
+                problems.append(f"task.labels needs at least 2 labels, got {self.labels}")
+            if any(not lab for lab in clean):
+                problems.append("task.labels has an empty label")
+            if len(set(clean)) != len(clean):
+                problems.append(f"task.labels has duplicates (labels are compared lowercased): {self.labels}")
+        wrong = {
+            "labels": self.labels is not None and self.name != "classification",
+            "source_lang": self.source_lang is not None and self.name != "translation",
+            "target_lang": self.target_lang is not None and self.name != "translation",
+            "instruction": self.instruction is not None and self.name in ("instruction", "text"),
+        }
+        problems += [f"task.{key} does not apply to task {self.name!r}" for key, bad in wrong.items() if bad]
+        if problems:
+            raise problems_error(problems)
+        return self
 
 
 class DataConfig(Section):

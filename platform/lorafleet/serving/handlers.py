@@ -87,11 +87,11 @@ class TaskHandlers:
         from lorafleet.data import prompt_ids, target_ids
 
         with self.metrics.timed("classify") as info:
-            spec = self.tasks["classification"]
             model_id, ref, entry = self.models.route(body.adapter or self._default_adapter("classification"),
                                                      "classification")
             info["adapter"] = ref
-            known = list((entry.metadata.get("labels") if entry else None) or spec.labels)
+            spec = self._task_of(entry, "classification")  # the adapter's labels, in its prompt's order
+            known = list(spec.labels)
             labels = known
             if body.labels is not None:
                 unknown = [lab for lab in body.labels if lab not in known]
@@ -119,14 +119,17 @@ class TaskHandlers:
         return SummarizeResponse(summary=text, adapter=ref)
 
     async def translate(self, body: TranslateRequest) -> TranslateResponse:
-        """English -> Zilan with the translation adapter (the only pair the task defines)."""
-        for field, value, expected in (("source_lang", body.source_lang, "english"),
-                                       ("target_lang", body.target_lang, "zilan")):
-            if value is not None and value.strip().lower() not in (expected, expected[:2]):
-                raise ServingError(422, f"{field}={value!r} is not supported: the translation task translates "
-                                   "English to Zilan", param=field, available=[expected.capitalize()])
-        text, ref = await self._generate("translation", {"text": body.text}, body.adapter, body.max_tokens,
-                                         "translate")
+        """A translation adapter's language pair (its registry metadata; synthetic: English -> Zilan).
+
+        With no ``adapter``, the serve config's translation adapter answers when its pair fits the
+        requested languages, else the first registered translation adapter trained for them; a pair no
+        adapter was trained for is a 422 that names the pairs available.
+        """
+        adapter = body.adapter
+        if adapter is None and (body.source_lang or body.target_lang):
+            adapter = self._adapter_for_pair(body.source_lang, body.target_lang)
+        text, ref = await self._generate("translation", {"text": body.text}, adapter, body.max_tokens,
+                                         "translate", langs=(body.source_lang, body.target_lang))
         return TranslateResponse(translation=text, adapter=ref)
 
     async def qa(self, body: QARequest) -> QAResponse:
@@ -146,18 +149,72 @@ class TaskHandlers:
     # ----- shared steps ----------------------------------------------------------------------
 
     async def _generate(self, task: str, row: dict[str, Any], adapter: str | None, max_tokens: int | None,
-                        endpoint: str) -> tuple[str, str]:
+                        endpoint: str, langs: tuple[str | None, str | None] = (None, None)) -> tuple[str, str]:
         from lorafleet.data import prompt_ids
 
         with self.metrics.timed(endpoint) as info:
-            model_id, ref, _ = self.models.route(adapter or self._default_adapter(task), task)
+            model_id, ref, entry = self.models.route(adapter or self._default_adapter(task), task)
             info["adapter"] = ref
-            spec = self.tasks[task]
+            spec = self._task_of(entry, task)
+            if task == "translation" and not _pair_fits((spec.source_lang, spec.target_lang), *langs):
+                pairs = self._translation_pairs()
+                raise ServingError(
+                    422, f"{langs[0] or spec.source_lang} -> {langs[1] or spec.target_lang} is not supported by "
+                    f"{ref}, which translates {spec.source_lang} -> {spec.target_lang}; pairs available: "
+                    f"{_pair_names(pairs) or 'none'}", param="target_lang" if langs[1] else "source_lang",
+                    available=_pair_names(pairs),
+                )
             budget = cap_tokens(max_tokens or spec.max_new_tokens, self.settings.max_tokens)
             prompt = prompt_ids(self.tokenizer, spec.instruction(row))
             self._fit(prompt, budget)
             response = await self.engine.complete(model_id, [prompt], max_tokens=budget)
             return response.choices[0].text.strip(), ref
+
+    def _task_of(self, entry: Any, name: str) -> Any:
+        """The task as the adapter was trained: its config's task settings and its metadata's labels
+        (the base model, or an adapter without them, gets the task's defaults)."""
+        from dataclasses import replace
+
+        from lorafleet.config import TaskConfig
+        from lorafleet.tasks import get_task
+
+        meta = entry.metadata if entry is not None else {}
+        raw = (meta.get("config") or {}).get("task")
+        spec = get_task(TaskConfig.model_validate(raw)) if raw and raw.get("name") == name else self.tasks[name]
+        if meta.get("labels") and name == "classification":
+            spec = replace(spec, labels=tuple(meta["labels"]))
+        if name == "translation" and meta.get("source_lang") and meta.get("target_lang"):
+            spec = replace(spec, source_lang=meta["source_lang"], target_lang=meta["target_lang"])
+        return spec
+
+    def _translation_pairs(self) -> dict[tuple[str, str], list[str]]:
+        """(source, target) -> the translation adapters trained for it (live versions)."""
+        pairs: dict[tuple[str, str], list[str]] = {}
+        for name in self.models.catalog.available():
+            entry = self.models.catalog.registry.resolve(name)
+            if entry.metadata.get("task") == "translation":
+                spec = self._task_of(entry, "translation")
+                pairs.setdefault((spec.source_lang, spec.target_lang), []).append(name)
+        return pairs
+
+    def _adapter_for_pair(self, source: str | None, target: str | None) -> str | None:
+        """The serve config's translation adapter if its pair fits, else one trained for the pair (None:
+        let the default adapter answer, or refuse, as usual)."""
+        default = self.settings.tasks.get("translation")
+        if default is not None:
+            _, _, entry = self.models.route(default, "translation")
+            spec = self._task_of(entry, "translation")
+            if _pair_fits((spec.source_lang, spec.target_lang), source, target):
+                return default
+        pairs = self._translation_pairs()
+        for pair, names in pairs.items():
+            if _pair_fits(pair, source, target):
+                return names[0]
+        if default is None:
+            raise ServingError(422, f"no translation adapter was trained for {source or '*'} -> {target or '*'}; "
+                               f"pairs available: {_pair_names(pairs) or 'none'}", param="target_lang",
+                               available=_pair_names(pairs))
+        return None
 
     def _default_adapter(self, task: str) -> str:
         ref = self.settings.tasks.get(task)
@@ -216,3 +273,19 @@ class TaskHandlers:
                 break
             keep.pop()
         return keep
+
+
+def _lang_matches(name: str, requested: str | None) -> bool:
+    """A requested language matches a trained one by name or 2-letter prefix, case-insensitively."""
+    if requested is None:
+        return True
+    want, have = requested.strip().lower(), name.strip().lower()
+    return want in (have, have[:2])
+
+
+def _pair_fits(pair: tuple[str, str], source: str | None, target: str | None) -> bool:
+    return _lang_matches(pair[0], source) and _lang_matches(pair[1], target)
+
+
+def _pair_names(pairs: dict[tuple[str, str], list[str]]) -> list[str]:
+    return [f"{src} -> {tgt} ({', '.join(names)})" for (src, tgt), names in pairs.items()]

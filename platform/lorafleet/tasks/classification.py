@@ -8,6 +8,7 @@ fillers around them are shared by all labels and carry no signal.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.tasks.base import Task, check_lengths, normalize_text
@@ -76,15 +77,21 @@ _FILLERS = [
 _CLOSERS = ["please help", "thanks", "can you look into it?", "any ideas?", "thank you!", ""]
 
 
+@dataclass(frozen=True)
 class ClassificationTask(Task):
-    """Support-ticket routing into a closed label set; metrics: accuracy, macro_f1."""
+    """Text classification into a closed label set; metrics: accuracy, macro_f1.
+
+    `labels` are lowercase and whitespace-normalised; a label may be several words (several
+    tokens): training, scoring and serving all compare the whole label. `instruction_line` may
+    name the labels with "{labels}" (`task.instruction` in the config).
+    """
+
+    instruction_line: str = "Classify the support ticket into one of: {labels}."
 
     def instruction(self, row: dict[str, Any]) -> str:
         """Prompt listing the labels; ends with "Label:\\n"."""
-        return (
-            f"Classify the support ticket into one of: {', '.join(self.labels)}.\n"
-            f"Ticket: {normalize_text(row['text'])}\nLabel:\n"
-        )
+        line = self.instruction_line.replace("{labels}", ", ".join(self.labels))
+        return f"{line}\nTicket: {normalize_text(row['text'])}\nLabel:\n"
 
     def target(self, row: dict[str, Any]) -> str:
         """The label, lowercased."""
@@ -118,9 +125,9 @@ class ClassificationTask(Task):
         return text if text in self.labels else None
 
     def validate_row(self, row: dict[str, Any]) -> str | None:
-        """Base checks plus: the label is one of `labels`."""
+        """Base checks plus: the label is one of `labels` (any label passes while the set is open, `()`)."""
         problem = super().validate_row(row)
-        if problem is None and self.target(row) not in self.labels:
+        if problem is None and self.labels and self.target(row) not in self.labels:
             return f"label {row['label']!r} not in labels {list(self.labels)}"
         return problem
 

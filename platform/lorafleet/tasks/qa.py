@@ -8,6 +8,7 @@ syllables, so the model has to copy from the passage rather than recall.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.tasks.base import Task, check_lengths, normalize_text, squad_normalize, token_f1
@@ -35,13 +36,16 @@ _FACTS: dict[str, tuple[str, str]] = {
 }
 
 
+@dataclass(frozen=True)
 class QATask(Task):
     """Extractive QA; metrics: exact_match, token_f1 (SQuAD normalisation)."""
+
+    instruction_line: str = "Answer the question with a short span from the passage."  # task.instruction
 
     def instruction(self, row: dict[str, Any]) -> str:
         """Prompt with passage and question; ends with "Answer:\\n"."""
         return (
-            "Answer the question with a short span from the passage.\n"
+            f"{self.instruction_line}\n"
             f"Passage: {normalize_text(row['context'])}\n"
             f"Question: {normalize_text(row['question'])}\nAnswer:\n"
         )

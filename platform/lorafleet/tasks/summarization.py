@@ -8,6 +8,7 @@ learn to drop the small talk and rewrite the decision phrasing.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from rouge_score import rouge_scorer
@@ -67,15 +68,15 @@ _SMALL_TALK = [
 _SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
+@dataclass(frozen=True)
 class SummarizationTask(Task):
     """Meeting notes -> decisions; metrics: rouge1, rouge2, rougeL (F-measure)."""
 
+    instruction_line: str = "Summarize the decisions in the meeting notes in one line."  # task.instruction
+
     def instruction(self, row: dict[str, Any]) -> str:
         """Prompt with the notes; ends with "Summary:\\n"."""
-        return (
-            "Summarize the decisions in the meeting notes in one line.\n"
-            f"Notes: {normalize_text(row['text'])}\nSummary:\n"
-        )
+        return f"{self.instruction_line}\nNotes: {normalize_text(row['text'])}\nSummary:\n"
 
     def target(self, row: dict[str, Any]) -> str:
         """The one-line summary."""

@@ -10,6 +10,7 @@ Sentences are lowercase and end with a period.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import sacrebleu
@@ -48,12 +49,22 @@ DICTIONARY: dict[str, str] = {
 _PLURALS = {noun: noun + "s" for noun in NOUNS}
 
 
+@dataclass(frozen=True)
 class TranslationTask(Task):
-    """English -> Zilan; metrics: bleu, chrf (sacrebleu, scaled to 0..1)."""
+    """`source_lang` -> `target_lang` (synthetic: English -> Zilan); metrics: bleu, chrf (sacrebleu, 0..1).
+
+    The languages come from `task.source_lang` / `task.target_lang`; they name the prompt's lines
+    and are recorded in the registry metadata, where /v1/translate finds each adapter's pair.
+    """
+
+    source_lang: str = "English"
+    target_lang: str = "Zilan"
+    instruction_line: str = "Translate {source} to {target}."
 
     def instruction(self, row: dict[str, Any]) -> str:
-        """Prompt with the English sentence; ends with "Zilan:\\n"."""
-        return f"Translate English to Zilan.\nEnglish: {normalize_text(row['text'])}\nZilan:\n"
+        """Prompt with the source sentence; ends with "<target_lang>:\\n"."""
+        line = self.instruction_line.replace("{source}", self.source_lang).replace("{target}", self.target_lang)
+        return f"{line}\n{self.source_lang}: {normalize_text(row['text'])}\n{self.target_lang}:\n"
 
     def target(self, row: dict[str, Any]) -> str:
         """The Zilan sentence."""
