@@ -37,6 +37,7 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lorafleet` parser: every COMMANDS entry, each leaf with `fn` (what runs) and `--home`."""
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in dict.fromkeys(COMMANDS.values()):
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a config, data or registry problem is one `error:` line and exit 2."""
     args = build_parser().parse_args(argv)
     from lorafleet.config import ConfigError, set_home
     from lorafleet.data import DataError
