@@ -106,9 +106,14 @@ def import_gguf(out: Path, gguf_file: Path | None = None) -> Path:
     try:
         _convert(gguf_file, tmp)
         (tmp / MARKER).write_text(json.dumps({"source": str(gguf_file), "dtype": "float32"}, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above); rmdir refuses anything else
-        tmp.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty (checked above); rmdir refuses anything else
+            tmp.rename(out)
+        except OSError:
+            if not (out / MARKER).is_file():
+                raise
+            # A concurrent import finished first: its folder is as good as ours (ours goes below).
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)  # ours: created by mkdtemp above
