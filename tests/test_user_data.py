@@ -1,7 +1,8 @@
 """The task contracts on the user's own data (issue 19 §2): labels, language pairs, instructions, hf: folders.
 
-Fixture files: tests/data/user_feedback.jsonl (7 labels of the user's own, one of two words) and
-tests/data/de_en.csv (German -> English, columns mapped with data.fields).
+Fixture files: tests/data/user_feedback.jsonl (7 labels of the user's own, one of two words),
+tests/data/de_en.csv (German -> English, columns mapped with data.fields) and tests/data/chat.jsonl
+(chat rows: a system prompt, several turns).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lorafleet.tasks import get_task
 DATA = Path(__file__).parent / "data"
 FEEDBACK = str(DATA / "user_feedback.jsonl")
 DE_EN = str(DATA / "de_en.csv")
+CHAT = str(DATA / "chat.jsonl")
 SEVEN = ["billing", "bug", "cancellation", "feature request", "late delivery", "praise", "question"]
 
 
@@ -75,6 +77,26 @@ def test_translation_languages_and_instruction_come_from_the_config(tmp_path):
     assert summ.instruction({"text": "n"}).startswith("Say what was decided.\nNotes: n\n")
     qa = get_task(parse_config({"task": {"name": "qa", "instruction": "Answer briefly."}}, "t", home=tmp_path).task)
     assert qa.instruction({"question": "q", "context": "c"}).startswith("Answer briefly.\nPassage: c\n")
+
+
+def test_chat_rows_render_with_the_template_and_train_on_assistant_turns_only(tmp_path):
+    from lorafleet.base_model import load_tokenizer
+    from lorafleet.data import encode_rows, prompt_ids
+
+    tok = load_tokenizer(str(Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")).resolve() / "models" / "tiny"))
+    task = get_task("instruction")
+    examples = read_split(CHAT, task, "train")
+    two_turns = examples[1].row  # user, assistant, user, assistant
+    [enc] = encode_rows(tok, task, [examples[1]], 128)
+    trained = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
+    assert trained == "hi\nHI\n" + tok.eos_token  # both answers (and the end of each turn), nothing else
+    prompt = prompt_ids(tok, task.instruction(two_turns))  # what evaluation and serving send
+    assert enc["input_ids"][: len(prompt)] == prompt and task.target(two_turns) == "HI"
+    assert tok.decode(prompt).startswith("<|user|>\nSay hi\n<|assistant|>\nhi\n<|user|>")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=rf"{bad}:1: the last turn must be the assistant's"):
+        read_split(str(bad), task, "train")
 
 
 def test_task_settings_for_the_wrong_task_are_config_errors(tmp_path):
@@ -192,16 +214,18 @@ SHORT = {"train": {"max_steps": 3, "eval_every": 3, "eval_samples": 4, "batch_si
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["classification", "translation"])
+@pytest.mark.parametrize("kind", ["classification", "translation", "chat"])
 def test_user_files_train_and_register_with_their_contract(kind, home, ray_local):
     from lorafleet.finetune import finetune
     from lorafleet.registry import Registry
 
     if kind == "classification":
         task, files, fields = {"name": "classification"}, FEEDBACK, {}
-    else:
+    elif kind == "translation":
         task = {"name": "translation", "source_lang": "German", "target_lang": "English"}
         files, fields = DE_EN, {"text": "german", "translation": "english"}
+    else:
+        task, files, fields = {"name": "instruction"}, CHAT, {}
     raw = {"name": f"user-{kind}", "task": task, **SHORT,
            "data": {"train": files, "validation": files, "test": files, "fields": fields, "max_seq_len": 128}}
     summary = finetune(parse_config(raw, "test", home=home), registry_root=home / "registry", progress=False)
@@ -209,6 +233,8 @@ def test_user_files_train_and_register_with_their_contract(kind, home, ray_local
     if kind == "classification":
         assert meta["labels"] == SEVEN and meta["config"]["task"]["labels"] == SEVEN
         assert set(summary.test_metrics) == {"accuracy", "macro_f1"}
-    else:
+    elif kind == "translation":
         assert (meta["source_lang"], meta["target_lang"]) == ("German", "English")
         assert set(summary.test_metrics) == {"bleu", "chrf"}
+    else:
+        assert meta["task"] == "instruction" and set(summary.test_metrics) == {"exact_match", "token_f1"}

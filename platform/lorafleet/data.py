@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lorafleet.tasks import Task, render_prompt
+from lorafleet.tasks.base import render_chat
 
-__all__ = ["DataError", "Example", "read_split", "prompt_ids", "target_ids", "encode_rows", "IGNORE_INDEX"]
+__all__ = ["DataError", "Example", "read_split", "prompt_ids", "target_ids", "chat_ids", "encode_rows", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (the prompt tokens)
 
@@ -143,6 +144,36 @@ def target_ids(tokenizer, target: str) -> list[int]:
     return tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a chat row rendered with the chat template: the loss on every assistant
+    turn only (its text and end-of-turn marker as the template writes them; EOS after the last).
+
+    Each assistant turn is cut where the generation prompt of the turns before it ends, the point where
+    serving and evaluation start generating (`prompt_ids` of those turns)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the rendered text already tokenized
+    answer: list[int] = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], generation_prompt=True)
+        after = render_chat(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
+                             "chat rows need one that does")
+        context = tokenizer(before[len(done):], add_special_tokens=not has_template and not done)["input_ids"]
+        answer = tokenizer(after[len(before):], add_special_tokens=False)["input_ids"]
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        done = after
+    if tokenizer.eos_token_id not in answer:  # the template's end of turn may already be EOS (SmolLM2)
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
 def encode_rows(
     tokenizer, task: Task, examples: list[Example], max_seq_len: int, *, head_labels: list[str] | None = None
 ) -> list[dict[str, list[int]]]:
@@ -157,11 +188,16 @@ def encode_rows(
         if task.name == "text":
             prompt: list[int] = []
             target = tokenizer(ex.row["text"], add_special_tokens=False)["input_ids"] + [eos]
+        elif "messages" in ex.row:  # a chat row (instruction task): the loss on all assistant turns
+            prompt, target = [], []
+            chat, chat_labels = chat_ids(tokenizer, ex.row["messages"])
         else:
             prompt = prompt_ids(tokenizer, task.instruction(ex.row))
             target = target_ids(tokenizer, task.target(ex.row))
         if head_labels is not None:
             ids, labels = prompt, [head_labels.index(task.target(ex.row).strip())]
+        elif "messages" in ex.row and task.name != "text":
+            ids, labels = chat, chat_labels
         else:
             ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
         if len(ids) > max_seq_len:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 __all__ = [
     "Task",
     "render_prompt",
+    "render_chat",
     "normalize_text",
     "squad_normalize",
     "token_f1",
@@ -128,23 +129,35 @@ class Task:
         return None
 
 
-def render_prompt(tokenizer: Any, instruction: str) -> str:
+def render_prompt(tokenizer: Any, instruction: str | list[dict[str, str]]) -> str:
     """The prompt contract: wrap `instruction` in the tokenizer's chat template if it has one.
 
     Args:
         tokenizer: A Hugging Face tokenizer (or anything with `chat_template` and
             `apply_chat_template`).
-        instruction: The task's instruction text.
+        instruction: The task's instruction text, or a chat row's turns before the answer
+            (`[{role, content}, ...]`, as `InstructionTask.instruction` gives for chat rows).
 
     Returns:
-        The chat-templated user turn with the generation prompt appended, or `instruction`
-        unchanged when the tokenizer has no chat template.
+        The chat-templated user turn (or turns) with the generation prompt appended, or
+        `instruction` unchanged when the tokenizer has no chat template.
     """
+    if isinstance(instruction, list):
+        return render_chat(tokenizer, instruction, generation_prompt=True)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
         )
     return instruction
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """Chat turns through the tokenizer's chat template; without one, as "role: content" lines
+    (with "assistant:" appended for a generation prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant:\n" if generation_prompt else "")
 
 
 # --- text helpers shared by the task modules ------------------------------------------------

@@ -1,8 +1,14 @@
-"""Generic instruction following: small algorithmic requests.
+"""Generic instruction following: small algorithmic requests, or the user's chat rows.
 
 Deliberately unlike the four evaluated tasks: its examples go into the pre-training corpus to
 teach the base model the prompt format ("...\\nAnswer:\\n" then a short answer) without
 teaching it any evaluated task.
+
+A row is either {instruction, response} or a chat row {messages: [{role, content}, ...]} (an
+optional system turn first, user/assistant turns after, the last one the assistant's). A chat row
+is rendered with the tokenizer's chat template; training puts the loss on every assistant turn
+(`lorafleet.data.chat_ids`), scoring compares the last assistant turn with the model's answer to
+the turns before it.
 """
 
 from __future__ import annotations
@@ -96,13 +102,23 @@ class InstructionTask(Task):
     "Write cat in capital letters." and "Repeat the word a twice." depend on both.
     """
 
-    def instruction(self, row: dict[str, Any]) -> str:
-        """The instruction; ends with "Answer:\\n"."""
+    def instruction(self, row: dict[str, Any]) -> str | list[dict[str, str]]:
+        """The instruction, ending with "Answer:\\n"; for a chat row, its turns before the last answer."""
+        if "messages" in row:
+            return [{"role": m["role"], "content": m["content"]} for m in row["messages"][:-1]]
         return f"{normalize_text(row['instruction'])}\nAnswer:\n"
 
     def target(self, row: dict[str, Any]) -> str:
-        """The response."""
+        """The response (a chat row's last assistant turn)."""
+        if "messages" in row:
+            return normalize_text(row["messages"][-1]["content"])
         return normalize_text(row["response"])
+
+    def validate_row(self, row: dict[str, Any]) -> str | None:
+        """{instruction, response}, or {messages}: role/content turns, users and assistants, the last an answer."""
+        if isinstance(row, dict) and "messages" in row:
+            return _chat_problem(row["messages"])
+        return super().validate_row(row)
 
     def score(self, predictions: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
         """Mean exact match and whitespace-token F1 (trailing period ignored)."""
@@ -122,6 +138,26 @@ class InstructionTask(Task):
         instruction, response = rng.choice(_MAKERS)(rng)
         return {"instruction": instruction, "response": response}
 
+
+def _chat_problem(messages: Any) -> str | None:
+    """None for a usable chat, else what is wrong with it."""
+    if not isinstance(messages, list) or not messages:
+        return "field 'messages' must be a non-empty list of {role, content} turns"
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or not turn["content"].strip():
+            return f"messages[{i}] must be an object with a non-empty string 'content'"
+        if turn.get("role") not in _ROLES:
+            return f"messages[{i}] has role {turn.get('role')!r}; use one of {list(_ROLES)}"
+        if turn["role"] == "system" and i != 0:
+            return f"messages[{i}] is a system turn; only the first turn may be"
+    if messages[-1]["role"] != "assistant":
+        return "the last turn must be the assistant's (the answer to train on and score)"
+    if not any(turn["role"] == "user" for turn in messages):
+        return "a chat needs at least one user turn"
+    return None
+
+
+_ROLES = ("system", "user", "assistant")
 
 TASK = InstructionTask(
     name="instruction",
