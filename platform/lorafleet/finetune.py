@@ -192,12 +192,12 @@ def _fit_features(cfg_json: dict, train_rows: list[dict], test_rows: list[dict],
 
     from lorafleet.base_model import load_model
     from lorafleet.data import prompt_ids
-    from lorafleet.evaluate import last_token_features
+    from lorafleet.evaluate import last_token_features, run_device
 
     c = FinetuneConfig.model_validate(cfg_json)
     task = get_task(c.task.name)
     tok = load_tokenizer(c.model.name_or_path)
-    model = load_model(c.model.name_or_path, c.model.dtype)
+    model = load_model(c.model.name_or_path, c.model.dtype).to(run_device(c.scaling.use_gpu))  # the GPU it reserves
 
     featurized = {"tokens": 0, "seconds": 0.0}
 
