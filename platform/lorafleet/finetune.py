@@ -195,7 +195,7 @@ def _fit_features(cfg_json: dict, train_rows: list[dict], test_rows: list[dict],
     from lorafleet.evaluate import last_token_features, run_device
 
     c = FinetuneConfig.model_validate(cfg_json)
-    task = get_task(c.task.name)
+    task = get_task(c.task)  # configured: the run's labels and instruction line in the prompt
     tok = load_tokenizer(c.model.name_or_path)
     model = load_model(c.model.name_or_path, c.model.dtype).to(run_device(c.scaling.use_gpu))  # the GPU it reserves
 
