@@ -105,6 +105,7 @@ def import_gguf(out: Path, gguf_file: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: atomic rename
     try:
         _convert(gguf_file, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model folder is for everyone to read
         (tmp / MARKER).write_text(json.dumps({"source": str(gguf_file), "dtype": "float32"}, indent=2) + "\n")
         try:
             if out.exists():
