@@ -45,11 +45,11 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_cross_field_problems_say_the_fix(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_config({"name": "a/b", "task": {"name": "translation"}, "method": {"name": "head"},
-                      "model": {"dtype": "bfloat16"}}, home=tmp_path)
+                      "scaling": {"strategy": "fsdp"}}, home=tmp_path)
     msg = str(err.value)
     assert "use letters, digits" in msg
     assert "method 'head' needs task 'classification'" in msg
-    assert "use 'float32'" in msg
+    assert "use 'ddp'" in msg
     assert len(err.value.problems) == 3
 
 
