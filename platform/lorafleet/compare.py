@@ -121,7 +121,7 @@ def _prompt_task(cfg_json: dict[str, Any], k: int, test_rows: list[dict], train_
     from lorafleet.prompts import PromptTemplate, score_prompt
 
     cfg = FinetuneConfig.model_validate(cfg_json)
-    task = get_task(cfg.task.name)
+    task = get_task(cfg.task)  # the run's labels and instruction line, not the synthetic defaults
     started = time.perf_counter()
     model, tokenizer, _ = load_for_eval(None, cfg.model.name_or_path, cfg.model.dtype)
     if cfg.scaling.use_gpu and torch.cuda.is_available():
