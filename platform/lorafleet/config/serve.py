@@ -57,7 +57,8 @@ class ServeSettings(Section):
     home: str | None = Field(default=None, description="lorafleet home; default $LORAFLEET_HOME or ./.lorafleet.")
     model_id: str = Field(default="tiny", pattern=r"^[A-Za-z0-9._/-]+$",
                           description="Name clients use for the base model (no ':' or '@').")
-    base_model: str = Field(default="${home}/models/tiny", description="Base model folder (HF format).")
+    base_model: str = Field(default="${home}/models/tiny",
+                            description="Base model: an HF folder, or a hub id found in the local HF cache.")
     tasks: dict[str, str] = Field(
         default_factory=dict, description="Task -> default adapter ref, e.g. {classification: tickets-lora}."
     )
@@ -107,15 +108,25 @@ class ServeSettings(Section):
         return Path(self.home).expanduser().resolve() if self.home else default_home()
 
     def base_model_path(self) -> str:
+        """The base model's folder: ``base_model`` itself, or a hub id's snapshot in the HF cache.
+
+        vLLM, the tokenizer and the adapters' base check all read that one folder, so a served hub id
+        is the exact revision the cache holds and serving never downloads (the cluster's image or a
+        `huggingface-cli download` puts it there)."""
         value = expand_home(self.base_model, self.home_path())
-        return str(Path(value).resolve()) if Path(value).exists() else value
+        if Path(value).exists():
+            return str(Path(value).resolve())
+        return _cached_snapshot(value) or value
 
     def require_base_model(self, source: str = "serve config") -> Path:
         """The base model folder; a ConfigError that says the fix when it is not there."""
         base = Path(self.base_model_path())
         if not (base / "config.json").is_file():
-            raise ConfigError(source, [f"base model {base} not found; build it with `lorafleet base build` "
-                                       "or fix base_model"])
+            hint = ("build it with `lorafleet base build`, import one with `lorafleet base import-gguf`, "
+                    "or give a hub id that is in the local HF cache "
+                    f"(`huggingface-cli download {self.base_model}` where the hub is reachable)")
+            raise ConfigError(source, [f"base model {self.base_model} not found: no folder {base} "
+                                       f"with config.json and no HF cache entry; {hint}"])
         return base
 
     def registry_root(self) -> Path:
@@ -163,3 +174,16 @@ def load_settings(source: str | Path | dict[str, Any], name: str = "serve settin
     if isinstance(source, dict):
         return validate(ServeSettings, source, name, _EXAMPLE)
     return validate(ServeSettings, read_serve_app(source).args, str(source), _EXAMPLE)
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The HF cache folder of hub id ``repo_id`` ("org/name"), or None; never downloads."""
+    if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") != 1:
+        return None  # a path that does not exist, not a hub id
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
