@@ -71,3 +71,64 @@ def test_home_and_paths_resolved(tmp_path):
     assert cfg.data.validation == "synthetic"
     hub = parse_config({"model": {"name_or_path": "meta-llama/Llama-3.2-1B"}}, home=tmp_path)
     assert hub.model.name_or_path == "meta-llama/Llama-3.2-1B"  # hub ids pass through untouched
+
+
+# --- every shipped config loads through its own schema --------------------------------------------
+
+def _config_kind(raw: dict) -> str:
+    """Which loader a shipped YAML is for, from its top-level keys (None: no lorafleet config)."""
+    if "applications" in raw:
+        return "serve"
+    if "train_config" in raw:
+        return "sweep"
+    if "rungs" in raw or "base" in raw:
+        return "compare"
+    if "method" in raw or "model" in raw:
+        return "train"
+    return "unknown"
+
+
+# configs/k8s/ holds Kubernetes manifests, checked against their schemas by tests/test_k8s.py.
+SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "k8s" not in p.relative_to(REPO).parts)
+
+
+def load_shipped(path: Path, home: Path):
+    """Load one shipped config with the loader its kind uses at run time (all problems at once)."""
+    from lorafleet.compare import load_compare_config
+    from lorafleet.config.serve import load_settings
+    from lorafleet.sweep.spec import load_sweep
+
+    kind = _config_kind(yaml.safe_load(path.read_text()) or {})
+    loaders = {"train": lambda: load_config(path, home=home), "sweep": lambda: load_sweep(path, home=home, name="t"),
+               "serve": lambda: load_settings(path), "compare": lambda: load_compare_config(path, home=home)}
+    assert kind in loaders, f"{path}: not a train, sweep, serve or compare config (top-level keys?)"
+    return kind, loaders[kind]()
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_loads_with_its_schema(path: Path, tmp_path):
+    kind, loaded = load_shipped(path, tmp_path)
+    assert loaded is not None, kind
+
+
+def test_gpu_presets_are_8b_lora_bf16_checkpointed_on_4_gpu_workers(tmp_path):
+    """The configs/gpu presets say what issue 21 asks of them, through the real loaders: the training
+    config itself, every sweep trial (training config + the sweep's overrides and resources), and
+    the serve application."""
+    from lorafleet.config.serve import load_settings
+    from lorafleet.sweep.spec import example_params, load_sweep, trial_config
+
+    gpu = REPO / "configs" / "gpu"
+    train = load_config(gpu / "classification-lora-8b.yaml", home=tmp_path)
+    spec = load_sweep(gpu / "sweep-classification-8b.yaml", home=tmp_path, name="t")
+    trial = trial_config(spec, example_params(spec), "t0")
+    for cfg in (train, trial):
+        assert "8B" in cfg.model.name_or_path and cfg.model.dtype == "bfloat16"
+        assert cfg.method.name == "lora" and cfg.train.grad_checkpointing
+        assert (cfg.scaling.num_workers, cfg.scaling.use_gpu) == (4, True)
+    assert trial.method.lora.alpha == 2 * trial.method.lora.r
+    serve = load_settings(gpu / "serve-8b.yaml")
+    assert serve.base_model == train.model.name_or_path  # adapters are served on the base they trained on
+    assert (serve.accelerator, serve.dtype) == ("gpu", "bfloat16")
+    assert serve.max_lora_rank >= max(spec.sweep.space["method.lora.r"].choice)
+    assert set(serve.tasks.values()) == {train.name, spec.sweep.registry.name}
