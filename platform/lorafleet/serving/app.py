@@ -103,7 +103,7 @@ def build_app(args: dict[str, Any] | ServeSettings | str | Path | None = None):
     settings = settings.model_copy(update={"home": str(settings.home_path())})
     settings.require_base_model()
     llm_config = llm_config_from(settings)
-    app = make_fastapi_app(settings.resolved_api_keys())
+    app = make_fastapi_app(settings.resolved_api_keys(), settings.limits)
     if settings.ingress_mode() == "colocated":
         # One deployment: Ray's LLMServer deployment options (engine bundles, health checks), our routes.
         server_cls = make_fastapi_ingress(LorafleetServer, endpoint_map=ENDPOINTS, app=app)

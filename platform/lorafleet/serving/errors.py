@@ -4,8 +4,13 @@ Every error a client sees is ``{"error": {"message", "type", "code", "param"?, "
 "fields"?}}`` (OpenAI's error object, plus the valid options where there are any; vLLM's
 ``ErrorResponse``): our :class:`ServingError`, FastAPI's request validation (422 with every field
 error, where Ray's handler answers 400 with the first one only), Ray Serve LLM's
-``OpenAIHTTPException`` and Starlette's ``HTTPException``. Auth is a bearer-key middleware in
-front of every route but ``/healthz``.
+``OpenAIHTTPException``, Starlette's ``HTTPException`` (unknown routes: 404 listing the routes,
+wrong methods: 405 with ``Allow``), vLLM's request validation (``VLLMClientError``, raised while
+FastAPI builds vLLM's request models: 400, as vLLM's server words it) and a pydantic
+``ValidationError`` raised inside a route (422). What escapes all of them is
+:mod:`lorafleet.serving.limits`'s last resort (500, traceback logged). User input echoed in a
+message is clipped (:func:`clip`). Auth is a bearer-key middleware in front of every route but
+``/healthz``.
 """
 
 from __future__ import annotations
@@ -15,16 +20,18 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import HTTPException, RequestValidationError
-from pydantic import BaseModel
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from lorafleet.registry import RegistryError
+from lorafleet.registry import ArtifactNotFoundError, RegistryError
 
 __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "ServingError",
+    "clip",
     "OPEN_PATHS",
     "OPENAPI_ERRORS",
     "error_response",
@@ -34,7 +41,19 @@ __all__ = [
 ]
 
 OPEN_PATHS = ("/healthz",)  # answered without an API key (load balancers' probes)
+ECHO_CHARS = 100  # user input quoted in an error message is cut to this many characters
+MESSAGE_CHARS = 2000  # and a whole message (an engine's, say) to this many
+MAX_FIELDS = 20  # field errors listed in a 422
 T = TypeVar("T")
+
+
+def clip(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr``-like text of user input for an error message, cut to ``limit`` characters: a client
+    must not be able to make the server echo a megabyte (or a terminal escape) back."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates cannot be encoded
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[: limit + 1])
+    return text[:limit] + "..." if len(text) > limit else text
 
 
 class ErrorBody(BaseModel):
@@ -74,13 +93,27 @@ OPENAPI_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    if len(body.message) > MESSAGE_CHARS:
+        body = body.model_copy(update={"message": clip(body.message, MESSAGE_CHARS)})
     return JSONResponse(ErrorResponse(error=body).model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def field_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """pydantic errors -> (one-line summary, ``fields``), locations and count clipped (a location
+    can be a key the client sent), the input itself never echoed."""
+    fields = [{"loc": [x if isinstance(x, int) else clip(x) for x in e.get("loc", ())],
+               "msg": clip(e.get("msg", ""), 300), "type": e.get("type", "")} for e in errors[:MAX_FIELDS]]
+    where = "; ".join(f"{'.'.join(str(x) for x in f['loc'])}: {f['msg']}" for f in fields)
+    more = f" (+{len(errors) - MAX_FIELDS} more)" if len(errors) > MAX_FIELDS else ""
+    return f"invalid request: {where}{more}", fields
 
 
 async def registry_errors_as_409(awaitable: Awaitable[T]) -> T:
     """Engine-side failures the client can act on get their status instead of a 500."""
     try:
         return await awaitable
+    except ArtifactNotFoundError as exc:  # the version was removed after the ingress resolved it
+        raise ServingError(404, str(getattr(exc, "cause", exc)), type="not_found_error", param="adapter") from None
     except RegistryError as exc:  # raised in the replica (e.g. sha256 mismatch), re-raised here
         cause = getattr(exc, "cause", exc)
         raise ServingError(409, str(cause), type="adapter_integrity_error") from None
@@ -88,29 +121,64 @@ async def registry_errors_as_409(awaitable: Awaitable[T]) -> T:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error the routes raise as an :class:`ErrorResponse` with its status."""
+    from vllm.exceptions import VLLMClientError
+
     from lorafleet.serving._ray_llm import OpenAIHTTPException
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
-        where = "; ".join(f"{'.'.join(str(x) for x in f['loc'])}: {f['msg']}" for f in fields)
-        return error_response(422, ErrorBody(message=f"invalid request: {where}", type="invalid_request_error",
-                                             code=422, fields=fields))
+    @app.exception_handler(ValidationError)  # a model built inside a route (not FastAPI's body parsing)
+    async def _validation(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+        message, fields = field_errors(list(exc.errors()))
+        return error_response(422, ErrorBody(message=message, type="invalid_request_error", code=422,
+                                             fields=fields))
+
+    @app.exception_handler(VLLMClientError)
+    async def _vllm(request: Request, exc: VLLMClientError) -> JSONResponse:
+        # vLLM's request models validate in "before" validators that raise this (not a ValueError),
+        # so FastAPI's body parsing lets it through: an empty prompt, stream_options without stream,
+        # cache_salt "", more than 1024 prompts, top_logprobs without logprobs, ...
+        param = getattr(exc, "parameter", None)
+        message = exc.args[0] if exc.args else type(exc).__name__
+        return error_response(400, ErrorBody(message=clip(str(message), 500), type="invalid_request_error",
+                                             code=400, param=param))
 
     @app.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError) -> JSONResponse:
         return error_response(exc.status, exc.body)
+
+    @app.exception_handler(RegistryError)
+    async def _registry(request: Request, exc: RegistryError) -> JSONResponse:
+        # The registry's state (a corrupt aliases.json, say) stops this request; the message says the fix.
+        body = ErrorBody(message=clip(str(exc), 500), type="registry_error", code=409)
+        return error_response(409, body)
 
     @app.exception_handler(OpenAIHTTPException)
     async def _openai(request: Request, exc: OpenAIHTTPException) -> JSONResponse:
         body = ErrorBody(message=exc.message, type=exc.type or "invalid_request_error", code=exc.status_code)
         return error_response(exc.status_code, body)
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(HTTPException)  # Starlette's: FastAPI's subclass and the router's 404/405
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        body = ErrorBody(message=str(exc.detail), type="invalid_request_error", code=exc.status_code)
-        return error_response(exc.status_code, body)
+        status, headers = exc.status_code, dict(exc.headers or {})
+        message, available = str(exc.detail), None
+        if status == 404 and exc.detail == "Not Found":  # the router's: no such route
+            available = _routes(app)
+            message = f"no route {clip(request.url.path)}; routes: {', '.join(available)}"
+        elif status == 405:
+            message = f"method {clip(request.method, 20)} not allowed on {clip(request.url.path)}; " \
+                      f"allowed: {_allowed(headers)}"
+        body = ErrorBody(message=message, type="not_found_error" if status == 404 else "invalid_request_error",
+                         code=status, available=available)
+        return error_response(status, body, headers=headers or None)
+
+
+def _allowed(headers: dict[str, str]) -> str:
+    return next((v for k, v in headers.items() if k.lower() == "allow"), "?")
+
+
+def _routes(app: FastAPI) -> list[str]:
+    """The app's paths, for a 404's ``available``."""
+    return sorted({getattr(r, "path", "") for r in app.routes if getattr(r, "path", "")})
 
 
 def install_auth(app: FastAPI, api_keys: list[str]) -> None:

@@ -5,17 +5,25 @@ default) and to the training/eval prompt contract (``lorafleet.data.prompt_ids``
 ``target_ids``), then asks an :class:`~lorafleet.serving.engine.Engine` for greedy completions
 or label log-probs. It knows nothing of Ray Serve or FastAPI: the router (``router.py``) calls
 it, and tests drive it with a fake engine.
+
+Texts are checked against ``limits.max_text_chars`` before anything tokenizes them, and the
+tokenizer runs on one worker thread, off the event loop: a long text must not stall every other
+request of the replica (health probes and streams included) while it is split.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from lorafleet.config.serve import ServeSettings
 from lorafleet.serving.engine import Engine
-from lorafleet.serving.errors import ServingError
+from lorafleet.serving.errors import ServingError, clip
+from lorafleet.serving.limits import check_text
 from lorafleet.serving.metrics import RequestMetrics
 from lorafleet.serving.models import ServingModels, cap_tokens
 from lorafleet.serving.protocol import (
@@ -32,6 +40,9 @@ from lorafleet.serving.protocol import (
 
 __all__ = ["TaskHandlers", "CollectionCache"]
 
+T = TypeVar("T")
+_COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
 
 class CollectionCache:
     """RAG collections by name, loaded once and reloaded when their ``collection.json`` changes."""
@@ -44,6 +55,10 @@ class CollectionCache:
         """The top-``k`` passages of collection ``name`` for ``question`` (404 if there is none)."""
         from lorafleet.serving.rag import Collection, list_collections
 
+        if not _COLLECTION_NAME.fullmatch(name):  # a name is a folder under rag/: no path may escape it
+            raise ServingError(422, f"invalid collection name {clip(name)!r}: use 1 to 64 letters, digits, '.', '_' "
+                               "or '-', not starting with '.'", param="collection",
+                               available=list_collections(self.root))
         path = self.root / name
         try:
             stamp = (path / "collection.json").stat().st_mtime
@@ -51,14 +66,14 @@ class CollectionCache:
             stamp = None
         cached = self._collections.get(name)
         if stamp is None:
-            raise ServingError(404, f"collection {name!r} not found; available: {list_collections(self.root)} "
+            raise ServingError(404, f"collection {clip(name)!r} not found; available: {list_collections(self.root)} "
                                "(build one with `lorafleet rag index DIR --collection NAME`)",
                                type="not_found_error", param="collection", available=list_collections(self.root))
         if cached is None or cached[0] != stamp:
             try:
                 collection = await asyncio.to_thread(Collection, self.root, name)
             except (FileNotFoundError, ValueError):
-                raise ServingError(404, f"collection {name!r} not found", param="collection",
+                raise ServingError(404, f"collection {clip(name)!r} not found", param="collection",
                                    available=list_collections(self.root)) from None
             self._collections[name] = cached = (stamp, collection)
         return await asyncio.to_thread(cached[1].search, question, k)
@@ -78,6 +93,13 @@ class TaskHandlers:
         self.metrics = metrics or RequestMetrics()
         self.tasks = {name: get_task(name) for name in ("classification", "summarization", "translation", "qa")}
         self.collections = CollectionCache(settings.rag_root())
+        # One thread: the tokenizer's work is short but CPU-bound and not worth racing on 2 cores, and
+        # a Rust tokenizer shared by several threads can fail with "Already borrowed".
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-tokenize")
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the tokenizer thread, awaited (the event loop keeps serving meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     # ----- the endpoints ---------------------------------------------------------------------
 
@@ -87,6 +109,7 @@ class TaskHandlers:
         from lorafleet.data import prompt_ids, target_ids
 
         with self.metrics.timed("classify") as info:
+            check_text(body.text, self.settings.limits)
             model_id, ref, entry = self.models.route(body.adapter or self._default_adapter("classification"),
                                                      "classification")
             info["adapter"] = ref
@@ -96,14 +119,14 @@ class TaskHandlers:
             if body.labels is not None:
                 unknown = [lab for lab in body.labels if lab not in known]
                 if unknown:
-                    raise ServingError(422, f"labels {unknown} are not labels of {ref}; its labels: {known}",
+                    raise ServingError(422, f"labels {clip(unknown)} are not labels of {ref}; its labels: {known}",
                                        param="labels", available=known)
                 labels = list(dict.fromkeys(body.labels))
-            prompt = prompt_ids(self.tokenizer, spec.instruction({"text": body.text}))
+            prompt = await self._off_loop(prompt_ids, self.tokenizer, spec.instruction({"text": body.text}))
             # Exactly the training/eval target contract: " " + label, then EOS. Tokenizing the bare
             # label ("billing" -> 3 rare pieces instead of "Ġbilling") scored strings the model was
             # never trained to produce and made the scores unrelated to evaluate.label_probs.
-            label_ids = [target_ids(self.tokenizer, lab) for lab in labels]
+            label_ids = await self._off_loop(lambda: [target_ids(self.tokenizer, lab) for lab in labels])
             self._fit(prompt, max(len(x) for x in label_ids))
             logps = await self._label_logprobs(model_id, prompt, label_ids)
             top = max(logps)
@@ -136,10 +159,12 @@ class TaskHandlers:
         """Extractive QA over the given context, or over the top-k passages of a RAG collection."""
         sources: list[Source] = []
         context = body.context or ""
+        check_text(body.question, self.settings.limits, "question")
+        check_text(context, self.settings.limits, "context")
         if body.collection:
             passages = await self.collections.search(body.collection, body.question,
                                                      body.top_k or self.settings.rag.top_k)
-            passages = self._fit_passages(body.question, context, passages)
+            passages = await self._off_loop(self._fit_passages, body.question, context, passages)
             sources = [Source(id=p.id, score=p.score, text=p.text) for p in passages]
             context = " ".join([context, *[p.text for p in passages]]).strip()
         answer, ref = await self._generate("qa", {"question": body.question, "context": context}, body.adapter,
@@ -153,19 +178,21 @@ class TaskHandlers:
         from lorafleet.data import prompt_ids
 
         with self.metrics.timed(endpoint) as info:
+            if task != "qa":  # qa's question and context were checked before retrieval added passages
+                check_text(row["text"], self.settings.limits)
             model_id, ref, entry = self.models.route(adapter or self._default_adapter(task), task)
             info["adapter"] = ref
             spec = self._task_of(entry, task)
             if task == "translation" and not _pair_fits((spec.source_lang, spec.target_lang), *langs):
                 pairs = self._translation_pairs()
                 raise ServingError(
-                    422, f"{langs[0] or spec.source_lang} -> {langs[1] or spec.target_lang} is not supported by "
+                    422, f"{clip(langs[0] or spec.source_lang)} -> {clip(langs[1] or spec.target_lang)} is not supported by "
                     f"{ref}, which translates {spec.source_lang} -> {spec.target_lang}; pairs available: "
                     f"{_pair_names(pairs) or 'none'}", param="target_lang" if langs[1] else "source_lang",
                     available=_pair_names(pairs),
                 )
             budget = cap_tokens(max_tokens or spec.max_new_tokens, self.settings.max_tokens)
-            prompt = prompt_ids(self.tokenizer, spec.instruction(row))
+            prompt = await self._off_loop(prompt_ids, self.tokenizer, spec.instruction(row))
             self._fit(prompt, budget)
             response = await self.engine.complete(model_id, [prompt], max_tokens=budget)
             return response.choices[0].text.strip(), ref
@@ -211,7 +238,8 @@ class TaskHandlers:
             if _pair_fits(pair, source, target):
                 return names[0]
         if default is None:
-            raise ServingError(422, f"no translation adapter was trained for {source or '*'} -> {target or '*'}; "
+            raise ServingError(422, f"no translation adapter was trained for {clip(source or '*')} -> "
+                               f"{clip(target or '*')}; "
                                f"pairs available: {_pair_names(pairs) or 'none'}", param="target_lang",
                                available=_pair_names(pairs))
         return None

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorafleet.registry import RegistryError
 from lorafleet.serving.adapters import BASE_ALIASES, AdapterCatalog
-from lorafleet.serving.errors import ServingError
+from lorafleet.serving.errors import ServingError, clip
 
-__all__ = ["ServingModels", "cap_tokens"]
+__all__ = ["ServingModels", "cap_tokens", "MAX_REF_CHARS"]
+
+MAX_REF_CHARS = 256  # longer than any "<base>:<name>@<version>" the registry can hold
 
 
 def cap_tokens(value: int | None, limit: int) -> int:
@@ -31,7 +34,16 @@ class ServingModels:
         """Client model/adapter name -> (multiplexed model id, 'name@version' or 'base', Entry|None)."""
         if model is None or model == self.base_id or model in BASE_ALIASES:
             return self.base_id, "base", None
-        entry = self.catalog.resolve(model, task=task)
+        if len(model) > MAX_REF_CHARS:
+            raise ServingError(422, f"adapter name {clip(model)} is {len(model)} characters; names are at most "
+                               f"{MAX_REF_CHARS}", param="adapter")
+        try:
+            entry = self.catalog.resolve(model, task=task)
+        except RegistryError as exc:
+            # The registry itself is unreadable for this name (e.g. a corrupt aliases.json): the
+            # client's request was fine, the server's state is not; the message says the fix.
+            raise ServingError(409, f"adapter {clip(model)} cannot be served: {exc}", type="registry_error",
+                               param="adapter") from None
         return self.catalog.model_id(entry), entry.ref, entry
 
     def adapter_card(self, name: str, base_card: Any) -> Any:
@@ -40,7 +52,7 @@ class ServingModels:
 
         try:
             entry = self.catalog.resolve(name)
-        except ServingError:
+        except (ServingError, RegistryError):
             return None
         return ModelCard(
             id=name, object="model", owned_by="lorafleet", permission=list(base_card.permission),

