@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from lorafleet.registry import storage as registry_mod
-from lorafleet.registry import Entry, Registry, RegistryError, validate_name
+from lorafleet.registry import (
+    ArtifactNotFoundError,
+    Entry,
+    LiveVersionError,
+    Registry,
+    RegistryError,
+    validate_name,
+)
 
 META: dict[str, Any] = {
     "base_model": "tiny-llama-2l-64",
@@ -244,8 +251,9 @@ def test_remove_refuses_live_without_force(reg: Registry, src: Path) -> None:
     reg.register("m", src, META)
     reg.register("m", src, META)
 
-    with pytest.raises(RegistryError, match=r"m@1 is live; promote another version first"):
+    with pytest.raises(LiveVersionError, match=r"m@1 is the live version .*promote another version first") as err:
         reg.remove("m", "1")
+    assert (err.value.name, err.value.live, err.value.others) == ("m", "1", ["2", "3"])
     assert (reg.root / "m" / "1").is_dir()
 
     removed = reg.remove("m", "2")
@@ -258,9 +266,10 @@ def test_remove_refuses_live_without_force(reg: Registry, src: Path) -> None:
     # The dangling alias is dropped, so the bare name falls back to the latest version.
     assert json.loads((reg.root / "m" / "aliases.json").read_text()) == {}
     assert reg.resolve("m").version == "3"
-    # The only remaining version may be removed even though resolve picks it.
-    reg.promote("m", "3")
-    assert [e.ref for e in reg.remove("m", "3")] == ["m@3"]
+    # Without a 'live' alias the latest version is what resolve (and serving) picks: it is live too.
+    with pytest.raises(LiveVersionError, match=r"m@3 is the live version.*it is the only version"):
+        reg.remove("m", "3")
+    assert [e.ref for e in reg.remove("m", "3", force=True)] == ["m@3"]
     assert reg.names() == []
     # No trash or temp folders are left behind.
     assert [p.name for p in (reg.root / "m").iterdir() if p.is_dir()] == []
@@ -278,13 +287,18 @@ def test_remove_whole_name(reg: Registry, src: Path) -> None:
     reg.register("m", src, META)
     reg.register("m", src, META)
     reg.register("keep", src, META)
-    removed = reg.remove("m")
+    # Every version includes the live one (what serving answers 'm' with): only with force.
+    with pytest.raises(LiveVersionError, match=r"would remove m@1, the live version.*force=True") as err:
+        reg.remove("m")
+    assert (err.value.live, err.value.others) == ("1", ["2"])
+    assert [e.version for e in reg.list("m")] == ["1", "2"]
+    removed = reg.remove("m", force=True)
     assert [e.ref for e in removed] == ["m@1", "m@2"]
     assert not (reg.root / "m").exists()
     assert reg.names() == ["keep"]
     assert sorted(p.name for p in reg.root.iterdir()) == ["keep"]
-    with pytest.raises(RegistryError, match="'m' not found"):
-        reg.remove("m")
+    with pytest.raises(ArtifactNotFoundError, match="'m' not found"):
+        reg.remove("m", force=True)
 
 
 def test_first_register_after_live_removed_becomes_live(reg: Registry, src: Path) -> None:
@@ -441,3 +455,42 @@ def test_entry_is_hashable_and_ref(reg: Registry, src: Path) -> None:
     entry = reg.register("m", src, META)
     assert {entry, reg.resolve("m@1")} == {entry}
     assert entry.ref == "m@1"
+
+
+def test_not_found_is_its_own_error_type(reg: Registry, src: Path) -> None:
+    """Serving maps ArtifactNotFoundError to 404 and other registry errors to 409/422, so the
+    type must say which: unknown name, version, alias, or a version removed after it was resolved."""
+    entry = reg.register("m", src, META)
+    reg.register("m", src, META)
+    for ref, match in (("nope", "'nope' not found"), ("m@9", "version '9' of 'm' not found"),
+                       ("m@canary", "alias 'canary' of 'm' not found")):
+        with pytest.raises(ArtifactNotFoundError, match=match):
+            reg.resolve(ref)
+    reg.remove("m", "1", force=True)
+    with pytest.raises(ArtifactNotFoundError, match="no longer exists"):
+        reg.verify(entry)
+    with pytest.raises(ArtifactNotFoundError, match="version '1' of 'm' not found"):
+        reg.resolve("m@1")  # what the serving replica does with an id the ingress resolved earlier
+    for bad in ("../x", "m@", "m@0"):  # malformed: a plain RegistryError, not "not found"
+        with pytest.raises(RegistryError) as err:
+            reg.resolve(bad)
+        assert not isinstance(err.value, ArtifactNotFoundError)
+
+
+def test_live_version_error_survives_pickling() -> None:
+    """It may cross a process boundary (a Ray task): its fields must come back."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(LiveVersionError("msg", name="m", live="2", others=["1"])))
+    assert (str(err), err.name, err.live, err.others) == ("msg", "m", "2", ["1"])
+
+
+def test_remove_with_dangling_live_alias_protects_the_latest(reg: Registry, src: Path) -> None:
+    """A 'live' alias edited to point at nothing: the latest version is what a repaired resolve
+    gives, so it is the one protected; the others go without force."""
+    reg.register("m", src, META)
+    reg.register("m", src, META)
+    (reg.root / "m" / "aliases.json").write_text(json.dumps({"live": "7"}))
+    with pytest.raises(LiveVersionError, match="m@2 is the live version"):
+        reg.remove("m", "2")
+    assert [e.ref for e in reg.remove("m", "1")] == ["m@1"]

@@ -8,13 +8,31 @@ a short full pre-training pass on the same corpus (a Ray Train run; see `lorafle
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-__all__ = ["SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "init_model", "load_model", "load_tokenizer"]
+__all__ = [
+    "BUILD_MARKER",
+    "CHAT_TEMPLATE",
+    "FINGERPRINT_COVERS",
+    "SPECIAL_TOKENS",
+    "base_fingerprint",
+    "build_tokenizer",
+    "check_build_target",
+    "init_model",
+    "install_build",
+    "load_model",
+    "load_tokenizer",
+]
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 
@@ -111,3 +129,114 @@ def load_model(
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
+
+
+# --- the base model's fingerprint (recorded with every registered artifact, checked by serving) ------
+
+FINGERPRINT_COVERS = (
+    "sha256 over: config.json (parsed, without transformers_version/_name_or_path, keys sorted); every "
+    "top-level *.index.json (bytes); every top-level weight file (*.safetensors, *.bin, *.pt, *.pth, "
+    "*.gguf): its name, size and the sha256 of 64 KiB at its start, middle and end"
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SAMPLE = 64 * 1024
+
+
+def _model_folder(name_or_path: str | Path) -> Path | None:
+    """A local model folder, or a hub id's snapshot already in the HF cache; None otherwise (never downloads)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    text = str(name_or_path)
+    if text.startswith(("/", ".", "~")) or text.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid hub id: no fingerprint
+        return None
+
+
+def base_fingerprint(name_or_path: str | Path) -> str | None:
+    """A cheap identity of a base model's files: ``"sha256:<hex>"`` (what it covers: FINGERPRINT_COVERS).
+
+    Adapters record it at registration and serving compares it with the served base, so an adapter
+    trained on another base is refused instead of loaded onto the wrong weights. It reads config.json,
+    the weights index and three 64 KiB samples per weight file (not GBs of weights), so two bases of
+    the same architecture but different training differ, while a copy of a folder (another path)
+    matches. Returns None when there is no local folder with a config.json (e.g. a hub id not cached).
+    """
+    folder = _model_folder(name_or_path)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    digest = hashlib.sha256()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict):  # a re-save by another transformers version is the same base
+        config = {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path")}
+    digest.update(b"config.json\0" + json.dumps(config, sort_keys=True).encode())
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        if file.name.endswith(".index.json"):
+            digest.update(f"\0{file.name}\0".encode() + file.read_bytes())
+        elif file.suffix in _WEIGHT_SUFFIXES:
+            digest.update(f"\0{file.name}\0{file.stat().st_size}\0".encode() + _samples_sha256(file))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _samples_sha256(file: Path) -> bytes:
+    size = file.stat().st_size
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+            f.seek(offset)
+            digest.update(f.read(_SAMPLE))
+    return digest.digest()
+
+
+# --- `lorafleet base build --out DIR`: never delete a folder it did not create -------------------------
+
+BUILD_MARKER = "lorafleet_build.json"  # written into every folder `base build` makes; only those it replaces
+
+
+def check_build_target(out: str | Path) -> Path:
+    """Refuse an ``--out`` folder that `base build` may not replace; returns it, absolute.
+
+    Absent or empty: fine. A folder holding :data:`BUILD_MARKER` (an earlier build): it is replaced
+    when the new build is complete. Anything else was not made by `base build` and is never deleted.
+
+    Raises:
+        FileExistsError: ``out`` exists and is neither empty nor an earlier `base build` folder.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / BUILD_MARKER).is_file())):
+        raise FileExistsError(
+            f"{out} exists and was not made by `lorafleet base build` (no {BUILD_MARKER} in it); it is "
+            "never deleted: move it away or pass another --out"
+        )
+    return out
+
+
+def install_build(src: str | Path, out: str | Path, info: dict[str, Any]) -> Path:
+    """Move a finished build from ``src`` (a folder the build created) into ``out``, atomically.
+
+    ``src`` gets :data:`BUILD_MARKER` (with ``info``), is renamed next to ``out`` and then swapped in:
+    readers see the old model or the new one, never half of one. An earlier build at ``out`` is
+    deleted only after the swap, and only if :func:`check_build_target` accepts it (checked again).
+    """
+    out = check_build_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(src).chmod(0o755)  # a mkdtemp folder is owner-only; a model folder is for everyone to read
+    (Path(src) / BUILD_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    staged = out.parent / f".{out.name}.new-{uuid.uuid4().hex[:8]}"
+    shutil.move(str(src), staged)  # a rename on the same filesystem
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)  # empty or marked: checked above
+    os.rename(staged, out)
+    if old is not None:
+        shutil.rmtree(old)  # the earlier build (or an empty folder) we just moved aside
+    return out

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
-from lorafleet.base_model import build_tokenizer, init_model, save_pretrained
+from lorafleet.base_model import build_tokenizer, check_build_target, init_model, install_build, save_pretrained
 from lorafleet.config import parse_config
 from lorafleet.tasks import TASK_NAMES, get_task, pretraining_corpus
 
@@ -35,12 +36,15 @@ def _task_prompts(n: int, seed: int) -> list[str]:
 
 def build_base(out: str | Path, *, steps: int = 600, num_workers: int = 2, corpus_size: int = 6000,
                seed: int = 0, home: Path | None = None, progress: bool = True) -> Path:
-    """Build the tiny base model into `out` (replaced if present). Returns `out`."""
+    """Build the tiny base model into `out`. Returns `out`.
+
+    An earlier build at `out` is replaced once the new one is complete; any other non-empty folder
+    there is refused before anything runs (`base_model.check_build_target`): never deleted."""
     from lorafleet.finetune import finetune
 
-    out = Path(out).resolve()
-    init_dir = out.parent / f".{out.name}-init"
-    shutil.rmtree(init_dir, ignore_errors=True)
+    out = check_build_target(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    init_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}-init-", dir=out.parent))  # ours to delete
     corpus = pretraining_corpus(corpus_size, seed=seed) + _task_prompts(corpus_size // 6, seed)
     tokenizer = build_tokenizer(corpus)
     save_pretrained(init_model(tokenizer, seed=seed), tokenizer, init_dir)
@@ -51,9 +55,7 @@ def build_base(out: str | Path, *, steps: int = 600, num_workers: int = 2, corpu
         with open(init_dir / f"corpus-{split}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     if steps == 0:
-        shutil.rmtree(out, ignore_errors=True)
-        init_dir.rename(out)
-        return out
+        return install_build(init_dir, out, {"steps": 0, "seed": seed})
 
     cfg = parse_config(
         {
@@ -73,7 +75,8 @@ def build_base(out: str | Path, *, steps: int = 600, num_workers: int = 2, corpu
         home,
     )
     summary = finetune(cfg, registry_root=out.parent / ".unused-registry", progress=progress)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(summary.artifact_dir, out)
-    shutil.rmtree(init_dir, ignore_errors=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}-build-", dir=out.parent))
+    shutil.copytree(summary.artifact_dir, staged, dirs_exist_ok=True)
+    install_build(staged, out, {"steps": steps, "seed": seed, "run": summary.run_dir})
+    shutil.rmtree(init_dir, ignore_errors=True)  # made by mkdtemp above
     return out

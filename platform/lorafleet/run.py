@@ -244,14 +244,18 @@ def dir_bytes(path: str | Path | None) -> int:
 def run_metadata(cfg: FinetuneConfig, summary: RunSummary, labels: list[str] | None) -> dict[str, Any]:
     """The registry metadata of a run's artifact: what it is, how it scored, and its config.
 
-    Serving reads `labels` (classification) and `source_lang`/`target_lang` (translation) from it.
+    Serving reads `labels` (classification) and `source_lang`/`target_lang` (translation) from it, and
+    refuses the artifact on a base whose fingerprint differs from `base_fingerprint`
+    (`base_model.base_fingerprint`: config.json, weights index, weight file names, sizes and samples).
     """
+    from lorafleet.base_model import base_fingerprint
     from lorafleet.tasks import get_task
 
     task = get_task(cfg.task)
     languages = {"source_lang": task.source_lang, "target_lang": task.target_lang} if cfg.task.name == "translation" else {}
     return {
         "base_model": cfg.model.name_or_path,
+        "base_fingerprint": base_fingerprint(cfg.model.name_or_path),
         "task": cfg.task.name,
         "method": cfg.method.name,
         "labels": labels,
@@ -268,7 +272,13 @@ def run_metadata(cfg: FinetuneConfig, summary: RunSummary, labels: list[str] | N
 
 def register_artifact(registry_root: str | Path, name: str, model_dir: str | Path, metadata: dict[str, Any],
                       promote: bool = False) -> str:
-    """Register `model_dir` (atomically) under `name`; returns its ref, "name@version"."""
+    """Register `model_dir` (atomically) under `name`; returns its ref, "name@version".
+
+    Metadata naming a `base_model` but no `base_fingerprint` gets it here, so every artifact records
+    the base it was trained on (serving checks it; see `run_metadata`)."""
+    from lorafleet.base_model import base_fingerprint
     from lorafleet.registry import Registry
 
+    if metadata.get("base_model") and not metadata.get("base_fingerprint"):
+        metadata = {**metadata, "base_fingerprint": base_fingerprint(metadata["base_model"])}
     return Registry(registry_root).register(name, model_dir, metadata, promote=promote).ref

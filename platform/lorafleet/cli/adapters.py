@@ -1,9 +1,16 @@
-"""`lorafleet adapters list|show|promote|rm`: the artifact registry."""
+"""`lorafleet adapters list|show|promote|rm`: the artifact registry.
+
+`rm NAME` (every version) and `rm NAME VERSION` of the live version need `--force`: the live version
+is what serving answers NAME with. `promote` does not refuse a DoRA adapter (the registry holds
+artifacts for eval and comparison too, and `NAME@VERSION` reaches serving whatever `live` says); it
+warns that serving refuses it, and serving itself refuses it with a 422 (serving/compat.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 __all__ = ["add_parser", "cmd_adapters"]
 
@@ -28,11 +35,31 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     elif args.action == "promote":
         e = reg.promote(args.name, args.version)
         print(f"{e.name}: live -> {e.version}")
+        from lorafleet.serving.compat import dora_refusal
+
+        if (refusal := dora_refusal(e)) is not None:
+            print(f"warning: {refusal}", file=sys.stderr)
     elif args.action == "rm":
-        removed = reg.remove(args.name, args.version, force=args.force)
-        for e in removed:
+        for e in _remove(reg, args):
             print(f"removed {e.ref}")
     return 0
+
+
+def _remove(reg, args: argparse.Namespace) -> list:
+    """`Registry.remove`, its live-version refusal reworded for the command line (`--force`)."""
+    from lorafleet.registry import LiveVersionError, RegistryError
+
+    try:
+        return reg.remove(args.name, args.version, force=args.force)
+    except LiveVersionError as err:
+        what = (f"`adapters rm {err.name}` removes every version, including" if args.version is None
+                else f"`adapters rm {err.name} {args.version}` would remove")
+        promote = (f" (or first move live with `lorafleet adapters promote {err.name} {err.others[-1]}`)"
+                   if args.version is not None and err.others else "")
+        raise RegistryError(
+            f"{what} {err.name}@{err.live}, the live version (what serving answers {err.name!r} with); "
+            f"pass --force to remove it anyway{promote}"
+        ) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = ad.add_parser("rm", help="remove a version, or every version of a name")
     p.add_argument("name")
     p.add_argument("version", nargs="?")
-    p.add_argument("--force", action="store_true", help="also remove the live version")
+    p.add_argument("--force", action="store_true",
+                   help="also remove the live version (what serving answers NAME with); required for NAME alone")
     for action in ("list", "show", "promote", "rm"):
         ad.choices[action].set_defaults(fn=cmd_adapters)

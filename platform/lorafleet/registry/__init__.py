@@ -4,9 +4,12 @@
 (storage.py), whose ``LocalStorage`` is the one home of the registry's filesystem calls; the
 layout and ``Entry`` are in layout.py, name/version/alias/reference checks in refs.py.
 ``verify_folder`` / ``sha256_file`` are the one sha256 check, shared with serving's copies.
+Errors (errors.py): ``RegistryError``; ``ArtifactNotFoundError`` (unknown or removed name,
+version or alias: serving's 404) and ``LiveVersionError`` (a removal of the live version
+without ``force``) are its subclasses.
 """
 
-from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.errors import ArtifactNotFoundError, LiveVersionError, RegistryError
 from lorafleet.registry.layout import ALIASES_FILE, METADATA_FILE, Entry
 from lorafleet.registry.refs import LIVE, parse_ref, validate_alias, validate_name
 from lorafleet.registry.registry import Registry
@@ -21,8 +24,10 @@ from lorafleet.registry.storage import (
 __all__ = [
     "ALIASES_FILE",
     "LIVE",
+    "ArtifactNotFoundError",
     "METADATA_FILE",
     "Entry",
+    "LiveVersionError",
     "LocalStorage",
     "Registry",
     "RegistryError",

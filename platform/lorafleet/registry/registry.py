@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.errors import ArtifactNotFoundError, LiveVersionError, RegistryError
 from lorafleet.registry.layout import (
     ALIASES_FILE,
     METADATA_FILE,
@@ -117,7 +117,7 @@ class Registry:
         numbers = version_numbers(self.storage, name)
         if not numbers:
             available = self.names()
-            raise RegistryError(
+            raise ArtifactNotFoundError(
                 f"artifact {name!r} not found in {self.root}; available: {available}"
                 + ("" if available else " (register one first)")
             )
@@ -131,7 +131,7 @@ class Registry:
         elif selector in aliases:
             version, origin = aliases[selector], f"alias {selector!r}"
         else:
-            raise RegistryError(
+            raise ArtifactNotFoundError(
                 f"alias {selector!r} of {name!r} not found; aliases: {sorted(aliases)}, "
                 f"versions: {versions} (use '{name}@<version>' or promote a version first)"
             )
@@ -139,7 +139,7 @@ class Registry:
             what = f"version {version!r} of {name!r}"
             if origin:
                 what += f" (pointed to by {origin})"
-            raise RegistryError(
+            raise ArtifactNotFoundError(
                 f"{what} not found; available versions: {versions}"
                 + (f", aliases: {aliases}" if aliases else "")
                 + (f"; run promote to repoint {origin}" if origin else "")
@@ -147,7 +147,7 @@ class Registry:
         try:
             return load_entry(self.storage, name, version, aliases)
         except FileNotFoundError:
-            raise RegistryError(
+            raise ArtifactNotFoundError(
                 f"'{name}@{version}' was removed while being read; try again"
             ) from None
 
@@ -162,9 +162,9 @@ class Registry:
             The matching entry.
 
         Raises:
-            RegistryError: If the reference is malformed, the name is unknown (the message
-                lists available names) or the version/alias is unknown (it lists the
-                available versions and aliases).
+            RegistryError: If the reference is malformed.
+            ArtifactNotFoundError: If the name is unknown (the message lists available names)
+                or the version/alias is unknown (it lists the available versions and aliases).
         """
         name, selector = parse_ref(ref)
         return self._get(name, selector)
@@ -183,7 +183,7 @@ class Registry:
         try:
             metadata = self.storage.read_json(f"{key}/{METADATA_FILE}")
         except FileNotFoundError:
-            raise RegistryError(f"{entry.ref} no longer exists in {self.root}") from None
+            raise ArtifactNotFoundError(f"{entry.ref} no longer exists in {self.root}") from None
         self.storage.verify_files(key, checksums(metadata, entry.ref), entry.ref)
 
     # ----- writing ----------------------------------------------------------------------
@@ -304,46 +304,67 @@ class Registry:
             self.storage.write_json(f"{folder}/{ALIASES_FILE}", aliases)
         return load_entry(self.storage, name, target.version, aliases)
 
+    def _live_version(self, name: str) -> str | None:
+        """'live' if it points at a version, else the latest (None without versions): what
+        ``resolve(name)`` gives, or would once a dangling 'live' (removed by hand) is repaired."""
+        versions = self._version_strings(name)
+        live = read_aliases(self.storage, name).get(LIVE)
+        if live in versions:
+            return live
+        return max(versions, key=int) if versions else None
+
     def remove(
         self, name: str, version: str | None = None, *, force: bool = False
     ) -> list[Entry]:
         """Remove one version, or the whole artifact when ``version`` is None.
 
-        Aliases pointing at a removed version are dropped, so ``resolve(name)`` then falls
-        back to the latest remaining version.
+        The live version (``_live_version``: what serving answers ``name`` with) goes only
+        with ``force``, also as part of the whole artifact. Aliases of a removed version are
+        dropped, so ``resolve(name)`` then falls back to the latest remaining version.
 
         Args:
             name: Artifact name.
-            version: Version number or alias to remove; None removes every version and
-                the aliases.
-            force: Allow removing the version 'live' points to while other versions exist.
+            version: Version number or alias; None removes every version and the aliases.
+            force: Allow removing the live version.
 
         Returns:
             The removed entries.
 
         Raises:
-            RegistryError: If the name/version is unknown, or ``version`` is live, other
-                versions exist and ``force`` is False.
+            ArtifactNotFoundError: If the name/version is unknown.
+            LiveVersionError: If the removal includes the live version and ``force`` is False.
         """
         validate_name(name)
         folder = name_key(self.storage, name)
         if version is None:
-            removed = self.list(name)
-            if not removed:
+            live = self._live_version(name)
+            if live is None:
                 self._get(name, None)  # raises "not found; available: ..."
+            removed = self.list(name)
+            if not force:
+                others = sorted(self._version_strings(name) - {live}, key=int)
+                raise LiveVersionError(
+                    f"removing every version of {name!r} would remove {name}@{live}, the live "
+                    f"version (what {name!r} resolves to, in serving too); pass force=True "
+                    "to remove it anyway", name=name, live=live, others=others,
+                )
             # One step takes the whole name out of sight, aliases included.
             self.storage.delete_tree(folder)
             return removed
 
         target = self._get(name, validate_selector(version))
         with self.storage.lock(folder):
-            aliases = read_aliases(self.storage, name)
-            others = self._version_strings(name) - {target.version}
-            if aliases.get(LIVE) == target.version and others and not force:
-                raise RegistryError(
-                    f"{target.ref} is live; promote another version first (e.g. "
-                    f"promote({name!r}, {max(others, key=int)!r})) or pass force=True"
+            live = self._live_version(name)
+            others = sorted(self._version_strings(name) - {target.version}, key=int)
+            if live == target.version and not force:
+                hint = (f"promote another version first (e.g. promote({name!r}, {others[-1]!r})) or "
+                        if others else "it is the only version; ")
+                raise LiveVersionError(
+                    f"{target.ref} is the live version (what {name!r} resolves to, in serving too); "
+                    f"{hint}pass force=True to remove it anyway",
+                    name=name, live=target.version, others=others,
                 )
+            aliases = read_aliases(self.storage, name)
             self.storage.delete_tree(version_key(self.storage, name, target.version))
             kept = {a: v for a, v in aliases.items() if v != target.version}
             if kept != aliases:

@@ -17,35 +17,43 @@ Why this shape (see docs/SERVING.md):
   was checked, and a later change or removal in the registry cannot reach a loaded adapter.
 * Names go through ``registry.validate_name`` and versions are digits, so no request can make
   the server read a path outside the registry.
+* The ingress refuses (422) what vLLM must not load: DoRA adapters and adapters trained on another
+  base (compat.py). A version removed between the ingress's resolve and the replica's copy raises
+  ``ArtifactNotFoundError`` (serving's 404).
+* The private copies live at ``<cache>/<name>@<version>`` (one path per id, the path vLLM keeps for
+  it) and are bounded: when Serve's LRU drops an adapter (it calls the returned config's ``__del__``)
+  its copy becomes the first to delete, and at most ``2 * max_loras`` copies are kept per replica;
+  a later request for a deleted one copies and checks it again, to the same path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import shutil
 import tempfile
-import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
-from lorafleet.registry import (
-    Entry,
-    LocalStorage,
-    Registry,
-    RegistryError,
-    checksums,
-    validate_name,
-    verify_folder,
+from lorafleet.registry import Entry, Registry, RegistryError, validate_name
+from lorafleet.serving.compat import ADAPTER_CONFIG, adapter_config, base_refusal, dora_refusal
+from lorafleet.serving.copies import (
+    CACHE_PREFIX,
+    AdapterIntegrityError,
+    CopyCache,
+    copy_verified,
+    remove_orphan_caches,
 )
 from lorafleet.serving.errors import ServingError
 
 __all__ = [
     "AdapterCatalog",
     "AdapterIntegrityError",
+    "CopyCache",
     "RegistryLoraLoader",
+    "copy_verified",
     "REGISTRY_ROOT_KEY",
     "BASE_ALIASES",
 ]
@@ -54,11 +62,6 @@ __all__ = [
 REGISTRY_ROOT_KEY = "lorafleet_registry_root"
 # Adapter values meaning "no adapter, the bare base model" on the task endpoints.
 BASE_ALIASES = ("base",)
-_ADAPTER_CONFIG = "adapter_config.json"
-
-
-class AdapterIntegrityError(RegistryError):
-    """An adapter's files do not match the sha256 sums recorded when it was registered."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,22 +76,33 @@ class AdapterCatalog:
         registry_root: ``<home>/registry``.
         base_model_id: The served base model's id (the multiplexed ids' prefix).
         max_lora_rank: The engine's ``max_lora_rank``; higher-rank adapters are refused up front.
+        base_path: The served base model's folder; adapters whose recorded base fingerprint differs
+            from its ``base_fingerprint`` are refused. None skips that check.
     """
 
-    def __init__(self, registry_root: str | Path, base_model_id: str, max_lora_rank: int) -> None:
+    def __init__(self, registry_root: str | Path, base_model_id: str, max_lora_rank: int, *,
+                 base_path: str | Path | None = None) -> None:
+        from lorafleet.base_model import base_fingerprint
+
         self.registry = Registry(registry_root)
         self.base_model_id = base_model_id
         self.max_lora_rank = max_lora_rank
+        self.base_path = str(base_path) if base_path is not None else base_model_id
+        self.base_fingerprint = base_fingerprint(base_path) if base_path is not None else None
+
+    def refusal(self, entry: Entry) -> str | None:
+        """Why this server must not load ``entry`` (another base, DoRA), or None."""
+        return base_refusal(entry, self.base_fingerprint, self.base_path) or dora_refusal(entry)
 
     def available(self) -> list[str]:
-        """Names of registered LoRA adapters (their live versions are what 'name' means)."""
+        """Names of the LoRA adapters this server can serve (their live versions are what 'name' means)."""
         out = []
         for name in self.registry.names():
             try:
                 entry = self.registry.resolve(name)
             except RegistryError:
                 continue
-            if is_lora(entry):
+            if is_lora(entry) and self.refusal(entry) is None:
                 out.append(name)
         return out
 
@@ -101,7 +115,8 @@ class AdapterCatalog:
 
         Raises:
             ServingError: 404 (unknown name/version; lists what exists), 422 (malformed reference,
-                not a LoRA adapter, wrong task, rank above the engine's max_lora_rank).
+                not a LoRA adapter, trained on another base, DoRA, wrong task, rank above the
+                engine's max_lora_rank).
         """
         prefix = f"{self.base_model_id}:"
         if ref.startswith(prefix):
@@ -128,6 +143,8 @@ class AdapterCatalog:
                 "adapter; only LoRA adapters are served on this base model", param="adapter",
                 available=self.available(),
             )
+        if (reason := self.refusal(entry)) is not None:
+            raise ServingError(422, reason, param="adapter", available=self.available())
         registered_task = entry.metadata.get("task")
         if task is not None and registered_task and registered_task != task:
             same = [n for n in self.available() if self.registry.resolve(n).metadata.get("task") == task]
@@ -151,44 +168,17 @@ class AdapterCatalog:
 def is_lora(entry: Entry) -> bool:
     """Whether a registry entry is a peft LoRA adapter (vLLM can only multiplex those)."""
     method = entry.metadata.get("method")
-    return (method in (None, "lora")) and _ADAPTER_CONFIG in (entry.metadata.get("files") or {})
+    return (method in (None, "lora")) and ADAPTER_CONFIG in (entry.metadata.get("files") or {})
 
 
 def _adapter_rank(folder: Path) -> int | None:
-    try:
-        config = json.loads((folder / _ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    rank = config.get("r")
+    rank = adapter_config(folder).get("r")
     return int(rank) if isinstance(rank, int) else None
 
 
 # --------------------------------------------------------------------------------------------
 # Replica side: Ray Serve LLM's LoRA loader, reading from the registry.
 # --------------------------------------------------------------------------------------------
-
-
-def copy_verified(entry: Entry, cache_root: Path) -> Path:
-    """Copy a registry version into ``cache_root`` and check the copy against its sha256 sums.
-
-    Returns the folder holding the verified copy (what vLLM loads).
-
-    Raises:
-        AdapterIntegrityError: A listed file is missing or differs, or an unlisted file is present.
-    """
-    files = checksums(entry.metadata, entry.ref, error=AdapterIntegrityError)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".tmp-{uuid.uuid4().hex}"
-    try:
-        # The registry's own copy-out and sha256 check, run on the private copy vLLM will read.
-        LocalStorage(entry.path).copy_out("", tmp)
-        verify_folder(tmp, files, entry.ref, error=AdapterIntegrityError, private_copy=True)
-        final = cache_root / f"{entry.name}@{entry.version}-{uuid.uuid4().hex[:8]}"
-        tmp.rename(final)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _parse_exact(lora_id: str) -> tuple[str, str]:
@@ -201,30 +191,28 @@ def _parse_exact(lora_id: str) -> tuple[str, str]:
 
 
 try:  # Ray Serve LLM is an optional dependency of the library as a whole.
-    from lorafleet.serving._ray_llm import LoraModelLoader as _LoraModelLoader
+    from pydantic import PrivateAttr
+
+    from lorafleet.serving._ray_llm import DiskMultiplexConfig, LoraModelLoader as _LoraModelLoader
+
+    class _ReleasingConfig(DiskMultiplexConfig):
+        """The loader's answer: Serve's multiplexing calls a model's ``__del__`` when its LRU drops it
+        (``ray.serve.multiplex``, "clean up the model resources eagerly"); that releases the copy."""
+
+        _on_release: Any = PrivateAttr(default=None)
+
+        def __del__(self) -> None:  # also runs at garbage collection: the token makes it a no-op then
+            try:
+                on_release, self._on_release = self._on_release, None
+            except Exception:  # noqa: BLE001 - a half-built object being collected
+                return
+            if on_release is not None:
+                on_release()
 except ImportError:  # pragma: no cover
     _LoraModelLoader = object  # type: ignore[assignment,misc]
 
-
-_CACHE_PREFIX = "lorafleet-lora-"
-
-
-def _remove_orphan_caches(tmp: Path) -> None:
-    """Delete ``lorafleet-lora-<pid>-*`` folders whose process no longer exists on this machine."""
-    for d in tmp.glob(f"{_CACHE_PREFIX}*-*"):
-        pid = d.name[len(_CACHE_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+_remove_orphan_caches = remove_orphan_caches  # the name tests/test_serving_units.py imports
+_DEFAULT_MAX_LORAS = 4  # when the LLMConfig names none (tests' stand-ins)
 
 
 class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
@@ -242,36 +230,63 @@ class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
         # A replica killed by Serve never runs atexit, so each new one first removes the caches of
         # replicas whose process is gone (the pid is in the folder name).
         if lora_root is None:
-            _remove_orphan_caches(Path(tempfile.gettempdir()))
-            lora_root = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
+            remove_orphan_caches(Path(tempfile.gettempdir()))
+            lora_root = tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-")
         super().__init__(lora_root=lora_root, download_timeout_s=download_timeout_s, max_tries=max_tries)
         atexit.register(shutil.rmtree, lora_root, True)
+        self.copies: CopyCache | None = None  # made at the first load, when max_loras is known
+        self._int_ids: dict[str, int] = {}  # one vLLM int id per model id, kept across re-copies
+
+    def _copy_cache(self, llm_config: Any) -> CopyCache:
+        if self.copies is None:
+            lora_config = getattr(llm_config, "lora_config", None)
+            max_loras = getattr(lora_config, "max_num_adapters_per_replica", None) or _DEFAULT_MAX_LORAS
+            loader = weakref.ref(self)
+
+            def forget(ref: str) -> None:  # a deleted copy: its next request loads it again
+                if (me := loader()) is not None:
+                    for model_id in [m for m in me.disk_cache if m.partition(":")[2] == ref]:
+                        me.disk_cache.pop(model_id, None)
+
+            self.copies = CopyCache(Path(self.lora_root), 2 * max_loras, on_drop=forget)
+        return self.copies
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any):
-        """Resolve, copy and verify ``<base>:<name>@<version>``; concurrent first uses share one load."""
-        if lora_model_id in self.disk_cache:
-            return self.disk_cache[lora_model_id]
-        task = self.active_syncing_tasks.get(lora_model_id)
-        if task is None:
-            root = llm_config.experimental_configs.get(REGISTRY_ROOT_KEY)
-            if not root:
-                raise RegistryError(f"LLMConfig.experimental_configs lacks {REGISTRY_ROOT_KEY!r}")
-            task = asyncio.create_task(asyncio.to_thread(self._load_sync, lora_model_id, Path(root)))
-            self.active_syncing_tasks[lora_model_id] = task
-            task.add_done_callback(lambda _: self.active_syncing_tasks.pop(lora_model_id, None))
-        config = await asyncio.shield(task)
-        self.disk_cache[lora_model_id] = config
-        return config
+        """Resolve, copy and verify ``<base>:<name>@<version>``; concurrent first uses share one load.
+
+        Each call answers a new config object (Serve's LRU keeps one per id and calls its ``__del__``
+        when it drops it, which marks the copy released in :class:`CopyCache`)."""
+        root = llm_config.experimental_configs.get(REGISTRY_ROOT_KEY)
+        if not root:
+            raise RegistryError(f"LLMConfig.experimental_configs lacks {REGISTRY_ROOT_KEY!r}")
+        copies = self._copy_cache(llm_config)
+        config = self.disk_cache.get(lora_model_id)
+        if config is None:
+            task = self.active_syncing_tasks.get(lora_model_id)
+            if task is None:
+                task = asyncio.create_task(asyncio.to_thread(self._load_sync, lora_model_id, Path(root)))
+                self.active_syncing_tasks[lora_model_id] = task
+                task.add_done_callback(lambda _: self.active_syncing_tasks.pop(lora_model_id, None))
+            config = await asyncio.shield(task)
+            self.disk_cache[lora_model_id] = config
+        ref = lora_model_id.partition(":")[2]
+        token = copies.added(ref)  # held by Serve's LRU from now on; may delete older copies
+        handed = config.model_copy()
+        handed._on_release = lambda: copies.released(ref, token)
+        return handed
 
     def _load_sync(self, lora_model_id: str, registry_root: Path):
-        from lorafleet.serving._ray_llm import DiskMultiplexConfig, global_id_manager
+        from lorafleet.serving._ray_llm import global_id_manager
 
         name, version = _parse_exact(lora_model_id.partition(":")[2])
-        entry = Registry(registry_root).resolve(f"{name}@{version}")
-        local = copy_verified(entry, Path(self.lora_root))
-        return DiskMultiplexConfig.model_validate({
+        entry = Registry(registry_root).resolve(f"{name}@{version}")  # ArtifactNotFoundError if removed
+        # One path per id: vLLM keeps the first path it was given for an id and may re-read it.
+        local = copy_verified(entry, Path(self.lora_root), dest_name=entry.ref)
+        if lora_model_id not in self._int_ids:
+            self._int_ids[lora_model_id] = global_id_manager.next()
+        return _ReleasingConfig.model_validate({
             "model_id": lora_model_id,
             "max_total_tokens": None,
             "local_path": str(local),
-            "lora_assigned_int_id": global_id_manager.next(),
+            "lora_assigned_int_id": self._int_ids[lora_model_id],
         })
