@@ -14,6 +14,7 @@ compared with transformers+peft greedy in fp32, token for token.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -440,3 +441,91 @@ def test_openapi_schema_has_task_models(stack):
     for path in ("/v1/classify", "/v1/summarize", "/v1/translate", "/v1/qa", "/v1/completions"):
         assert path in schema["paths"]
     assert "ClassifyRequest" in json.dumps(schema["components"])
+
+
+def test_bad_input_catalogue_is_4xx_json_and_health_stays_up(stack):
+    """Every kind of bad request in the catalogue (tests/test_serving_errors.py's, > 40 kinds over
+    every route) gets a 4xx JSON error within 30 s; 20 MB bodies (sized and chunked) get a 413 while
+    /healthz keeps answering 200 within 2 s; nothing reaches the last-resort 500; a normal
+    completion works afterwards."""
+    from urllib.parse import urlsplit
+
+    from test_serving_errors import BAD, MORE_BAD, raw_post
+
+    catalogue = BAD + MORE_BAD
+    assert len(catalogue) >= 40
+    url = urlsplit(stack["url"])
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    big = 20 * 2**20
+    uploads = [  # (path, headers, chunks): Content-Length up front, or chunked with no length
+        ("/v1/completions", {**auth, "Content-Length": str(big)}, (b"x" * 2**20 for _ in range(20))),
+        ("/v1/classify", {**auth, "Transfer-Encoding": "chunked"},
+         itertools.chain((b"%x\r\n%s\r\n" % (2**16, b"y" * 2**16) for _ in range(320)), [b"0\r\n\r\n"])),
+        ("/v1/chat/completions", {**auth, "Content-Length": str(big)}, (b"[" * 2**20 for _ in range(20))),
+    ]
+    answers: list = []
+
+    def upload(job):
+        path, headers, chunks = job
+        started = time.time()
+        status, head, body = raw_post(url.hostname, url.port, path, headers, chunks)
+        answers.append((path, status, head.get("content-type", ""), body[:300], time.time() - started))
+
+    threads = [threading.Thread(target=upload, args=(job,)) for job in uploads * 2]
+    for t in threads:
+        t.start()
+    health = []
+    with _client(stack, key=None) as probe:
+        while any(t.is_alive() for t in threads) or not health:
+            health.append(probe.get("/healthz", timeout=2.0).status_code)  # a stall past 2 s raises
+            time.sleep(0.1)
+    for t in threads:
+        t.join(timeout=60)
+    assert set(health) == {200}, health
+    assert len(answers) == len(threads), answers
+    for path, status, ctype, body, took in answers:
+        assert status == 413 and ctype.startswith("application/json"), (path, status, body)
+        assert json.loads(body)["error"]["code"] == 413 and took < 30, (path, body, took)
+
+    with httpx.Client(base_url=stack["url"], timeout=30) as c:  # a request past 30 s raises
+        for method, path, body, want in catalogue:
+            raw = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
+            r = c.request(method, path, content=raw, headers=auth)
+            wanted = (want,) if isinstance(want, int) else want
+            assert r.status_code in wanted and 400 <= r.status_code < 500, (method, path, r.status_code, r.text[:300])
+            assert r.headers["content-type"].startswith("application/json"), (path, r.headers)
+            assert r.json()["error"]["code"] == r.status_code, (path, r.text[:300])
+        assert c.get("/healthz").status_code == 200
+    assert "unhandled error" not in (stack["home"] / "serve.log").read_text()  # the last resort was never hit
+    with _client(stack) as c:
+        out = _complete(c, "tickets-lora", stack["prompts"][0])
+    assert out["model"] == "tiny:tickets-lora@1" and out["choices"][0]["token_ids"]
+
+
+def test_dora_and_foreign_base_adapters_are_refused(stack):
+    """What vLLM must not load (a DoRA adapter; an adapter trained on another base) is a 422 naming the
+    reason and the fix on every route, before the engine sees it; the engine keeps serving the rest."""
+    from lorafleet.serving.testing import make_lora_adapter
+
+    reg = stack["registry"]
+    meta = {"task": "classification", "method": "lora", "labels": ["billing", "technical", "account", "shipping"]}
+    dora = make_lora_adapter(stack["base"], stack["work"] / "dora", seed=13)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    reg.register("dora-lora", dora, meta)
+    foreign = make_lora_adapter(stack["base"], stack["work"] / "foreign", seed=14)
+    reg.register("foreign-lora", foreign, {**meta, "base_model": "/elsewhere/models/other-base",
+                                           "base_fingerprint": "sha256:" + "0" * 64})
+    want = {"dora-lora": ["dora-lora@1 is a DoRA adapter", "cannot be served by vLLM", "method.lora.use_dora=false"],
+            "foreign-lora": ["trained on base model '/elsewhere/models/other-base'", "models/tiny'", "retrain"]}
+    with _client(stack) as c:
+        for name, words in want.items():
+            for path, body in (("/v1/completions", {"model": name, "prompt": [5, 6], "max_tokens": 2}),
+                               ("/v1/classify", {"text": TEXTS[0], "adapter": name})):
+                r = c.post(path, json=body)
+                assert r.status_code == 422 and r.json()["error"]["param"] == "adapter", (path, r.text)
+                assert all(w in r.json()["error"]["message"] for w in words), (path, r.text)
+        listed = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert "tickets-lora" in listed and "dora-lora" not in listed and "foreign-lora" not in listed
+        out = _complete(c, "tickets-lora", stack["prompts"][0])
+    assert out["model"] == "tiny:tickets-lora@1" and out["choices"][0]["token_ids"]

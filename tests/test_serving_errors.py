@@ -319,3 +319,76 @@ def test_serve_warns_on_an_open_host_without_keys(capsys):
     assert warn_if_open("0.0.0.0", []) and "LORAFLEET_API_KEYS" in capsys.readouterr().err
     assert not warn_if_open("0.0.0.0", ["k"]) and not warn_if_open("127.0.0.1", [])
     assert warn_if_open("::", [])
+
+
+# ----- shared with tests/test_serving.py's real-server catalogue --------------------------------
+
+# More kinds of bad request, for the real server (behind HAProxy): wrong types, missing and extra
+# fields, control characters, negative and huge numbers, bad stream options, odd bodies and routes.
+MORE_BAD: list[tuple[str, str, Any, Any]] = [
+    ("POST", C, b"", 422),
+    ("POST", C, b"null", (400, 422)),
+    ("POST", C, b"[]", (400, 422)),
+    ("POST", C, b"\xff\xfe not utf-8", (400, 422)),
+    ("POST", C, {"model": "tiny", "prompt": {"a": 1}}, (400, 422)),
+    ("POST", C, {"model": "tiny", "prompt": "x", "max_tokens": -1}, 422),
+    ("POST", C, {"model": "tiny", "prompt": "x", "n": 10**12}, 422),
+    ("POST", C, {"model": "tiny", "prompt": "x", "temperature": -3}, (400, 422)),
+    ("POST", C, {"model": "tiny", "prompt": "x", "top_p": 5}, (400, 422)),
+    ("POST", C, {"model": "tiny", "prompt": "x", "stream": "maybe"}, (400, 422)),
+    ("POST", C, {"model": "tiny", "prompt": "x", "stream": True, "stream_options": "x"}, (400, 422)),
+    ("POST", C, {"model": "ticket\x00s-lora", "prompt": "x"}, 422),
+    ("POST", C, {"model": "tiny:../x", "prompt": "x"}, (404, 422)),
+    ("POST", C, {"model": "tickets-lora@99999999999999999999", "prompt": "x"}, (404, 422)),
+    ("POST", CHAT, {"model": "tiny"}, (400, 422)),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, (400, 422)),
+    ("POST", CHAT, {"model": "tiny", "messages": MSG, "stream": False,
+                    "stream_options": {"include_usage": True}}, 400),
+    ("POST", CHAT, {"model": "tiny", "messages": MSG, "max_completion_tokens": -4}, 422),
+    ("POST", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_001}]}, 413),
+    ("POST", "/v1/classify", {"text": ""}, 422),
+    ("POST", "/v1/classify", {"text": "hi", "bogus": 1}, 422),  # extra field
+    ("POST", "/v1/classify", {"text": "hi", "labels": "billing"}, 422),
+    ("POST", "/v1/classify", {"text": "hi", "labels": []}, 422),
+    ("POST", "/v1/classify", {"text": "hi", "adapter": "\x1b[2J\x07"}, 422),
+    ("POST", "/v1/classify", {"text": "hi", "adapter": "notes-lora"}, 422),  # another task's adapter
+    ("POST", "/v1/summarize", {}, 422),
+    ("POST", "/v1/summarize", {"text": "hi", "max_tokens": "many"}, 422),
+    ("POST", "/v1/translate", {"text": ["a"]}, 422),
+    ("POST", "/v1/translate", {"text": "hi", "adapter": "%2e%2e"}, (404, 422)),
+    ("POST", "/v1/qa", {"question": "q?"}, 422),
+    ("POST", "/v1/qa", {"question": "q?", "context": "c", "top_k": -1}, 422),
+    ("POST", "/v1/qa", {"question": "q?", "collection": "a\x00b"}, 422),
+    ("GET", "/v1/models/nope-lora", None, 404),
+    ("GET", "/v1/models/%2e%2e", None, 404),
+    ("POST", "/v1/models", None, 405),
+    ("POST", "/healthz", None, 405),
+    ("PUT", "/metrics", None, 405),
+    ("GET", "/v1/%2e%2e/etc/passwd", None, 404),
+]
+
+
+def raw_post(host: str, port: int, path: str, headers: dict[str, str], chunks: Any,
+             timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """POST over a plain socket, the way a careful client sends a huge body: it stops sending as
+    soon as the server has answered (a 413 before the body is read), then reads that answer."""
+    import http.client
+    import select
+    import socket
+
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}\r\n".encode())
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the answer is there: stop uploading
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        sock.close()

@@ -70,7 +70,7 @@ class LimitSettings(Section):
                                "one more is answered 429 with Retry-After (no unbounded queue).")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Server-side limit on one /v1/ request "
                                      "(a stream: its whole length); 504 when no answer had started.")
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 (and of /healthz's 503).")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) of a 429.")
 
 
 class ServeSettings(Section):

@@ -197,6 +197,10 @@ def check_openai_request(body: Any, limits: LimitSettings, max_logprobs: int = 2
     _over("stop", stops, limits.max_stop, "limits.max_stop")
     _over("logit_bias", len(getattr(body, "logit_bias", None) or {}), limits.max_logit_bias,
           "limits.max_logit_bias")
+    for name in ("max_tokens", "max_completion_tokens"):  # capped later, but a budget below 1 is no budget
+        value = getattr(body, name, None)
+        if value is not None and value < 1:
+            raise ServingError(422, f"{name} must be at least 1; got {clip(value)}", param=name)
     for name in ("logprobs", "top_logprobs"):
         value = getattr(body, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= max_logprobs:
