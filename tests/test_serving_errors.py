@@ -392,3 +392,31 @@ def raw_post(host: str, port: int, path: str, headers: dict[str, str], chunks: A
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         sock.close()
+
+
+def test_an_adapter_the_engine_refuses_is_a_422_not_a_500(registry):
+    """Colocated: vLLM raising while it loads an adapter (a DoRA adapter, another base's modules)
+    reaches the client as a 422 naming the adapter and the engine's reason."""
+    from lorafleet.serving.engine import LocalEngine
+
+    class RefusingServer:
+        async def load_adapter(self, model_id: str) -> None:
+            raise ValueError("vLLM does not support DoRA adapters " + "x" * 5000)
+
+        async def completions(self, body: Any, info: Any) -> Any:  # pragma: no cover - never reached
+            raise AssertionError("the request must stop at the load")
+
+    app, fake = make_app(registry)
+    server = next(r.endpoint.__self__ for r in app.routes if getattr(r, "path", "") == "/v1/completions")
+    server.engine = server.handlers.engine = LocalEngine(RefusingServer(), "tiny")
+
+    async def go():
+        async with client(app) as c:
+            return (await c.post(C, json={"model": "tickets-lora", "prompt": "hi"}),
+                    await c.post("/v1/summarize", json={"text": "hi", "adapter": "notes-lora"}))
+
+    for r, name in zip(asyncio.run(go()), ("tickets-lora@1", "notes-lora@1")):
+        err = _is_error(r, 422)
+        assert err["type"] == "adapter_load_error" and "DoRA" in err["message"] and name in err["message"], err
+        assert len(err["message"]) < 600  # the engine's long message is clipped
+    assert fake.calls == 0

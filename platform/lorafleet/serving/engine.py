@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from lorafleet.serving.errors import ServingError, registry_errors_as_409
+from lorafleet.registry import RegistryError
+from lorafleet.serving.errors import ServingError, clip, registry_errors_as_409
 
 __all__ = ["Engine", "HandleEngine", "LocalEngine", "first_completion"]
 
@@ -86,10 +87,22 @@ class LocalEngine:
         from lorafleet.serving._ray_llm import RawRequestInfo
 
         if body.model != self._base_id:  # "<base>:<name>@<version>": load it unless it is loaded
-            await self.server.load_adapter(body.model)
+            await self._load(body.model)
         info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
         async for response in await getattr(self.server, call_method)(body, info):
             yield response
+
+    async def _load(self, model_id: str) -> None:
+        try:
+            await self.server.load_adapter(model_id)
+        except (ServingError, RegistryError):
+            raise  # already say what is wrong (registry_errors_as_409 maps the registry's)
+        except Exception as exc:
+            # vLLM refused files that passed the registry's checks (a PEFT variant it cannot run, modules
+            # the base lacks, ...): the adapter is unusable here, which is the client's to hear, not a 500.
+            raise ServingError(422, f"the engine could not load adapter {clip(model_id)}: "
+                               f"{clip(f'{type(exc).__name__}: {exc}', 400)}", type="adapter_load_error",
+                               param="model") from exc
 
     async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
         return await first_completion(self.stream, model_id, prompts, **kwargs)
