@@ -458,17 +458,17 @@ def test_bad_input_catalogue_is_4xx_json_and_health_stays_up(stack):
     auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     big = 20 * 2**20
     uploads = [  # (path, headers, chunks): Content-Length up front, or chunked with no length
-        ("/v1/completions", {**auth, "Content-Length": str(big)}, (b"x" * 2**20 for _ in range(20))),
-        ("/v1/classify", {**auth, "Transfer-Encoding": "chunked"},
-         itertools.chain((b"%x\r\n%s\r\n" % (2**16, b"y" * 2**16) for _ in range(320)), [b"0\r\n\r\n"])),
-        ("/v1/chat/completions", {**auth, "Content-Length": str(big)}, (b"[" * 2**20 for _ in range(20))),
+        ("/v1/completions", {**auth, "Content-Length": str(big)}, lambda: (b"x" * 2**20 for _ in range(20))),
+        ("/v1/classify", {**auth, "Transfer-Encoding": "chunked"}, lambda: itertools.chain(
+            (b"%x\r\n%s\r\n" % (2**16, b"y" * 2**16) for _ in range(320)), [b"0\r\n\r\n"])),
+        ("/v1/chat/completions", {**auth, "Content-Length": str(big)}, lambda: (b"[" * 2**20 for _ in range(20))),
     ]
     answers: list = []
 
     def upload(job):
         path, headers, chunks = job
         started = time.time()
-        status, head, body = raw_post(url.hostname, url.port, path, headers, chunks)
+        status, head, body = raw_post(url.hostname, url.port, path, headers, chunks())
         answers.append((path, status, head.get("content-type", ""), body[:300], time.time() - started))
 
     threads = [threading.Thread(target=upload, args=(job,)) for job in uploads * 2]

@@ -30,6 +30,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.mode = "ok"
         self.calls = 0
+        self.cancelled = 0
 
     async def stream(self, *, body: Any, call_method: str, raw_request: Any = None):
         from ray.llm._internal.serve.core.configs.openai_api_models import CompletionResponse
@@ -38,7 +39,11 @@ class FakeEngine:
         if self.mode == "boom":
             raise RuntimeError("engine exploded")
         if self.mode == "slow":
-            await asyncio.sleep(30)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         yield CompletionResponse(model=body.model, choices=[{"index": 0, "text": "ok", "finish_reason": "stop"}],
                                  usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
 
@@ -420,3 +425,41 @@ def test_an_adapter_the_engine_refuses_is_a_422_not_a_500(registry):
         assert err["type"] == "adapter_load_error" and "DoRA" in err["message"] and name in err["message"], err
         assert len(err["message"]) < 600  # the engine's long message is clipped
     assert fake.calls == 0
+
+
+def test_a_client_that_disconnects_has_its_request_cancelled(registry):
+    """The guard cancels a request whose client went away (the engine sees the cancellation, as
+    vLLM's generate does when it aborts) and frees its admission slot."""
+    from lorafleet.serving.limits import RequestGuard
+
+    app, engine = make_app(registry)
+    engine.mode = "slow"
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 8}).encode()
+    sent: list[dict] = []
+
+    async def go():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(0.3)  # the client hangs up while the engine works
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": C, "raw_path": C.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {KEY}".encode()),
+                             (b"content-length", str(len(body)).encode())],
+                 "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1), "root_path": "",
+                 "app": app}
+        stack = app.build_middleware_stack()
+        await asyncio.wait_for(stack(scope, receive, send), timeout=20)  # not the engine's 30 s
+        return stack
+
+    layer = asyncio.run(go())
+    while not isinstance(layer, RequestGuard):
+        layer = layer.app
+    assert engine.calls == 1 and engine.cancelled == 1 and not sent  # nothing is sent to a closed connection
+    assert layer.in_flight == 0  # the slot came back

@@ -11,7 +11,9 @@ error middleware, outside auth and routing):
 * **admission**: at most ``limits.max_in_flight`` requests under ``/v1/`` at once per replica; one
   more is a 429 with ``Retry-After`` at once, not a place in an unbounded queue;
 * **timeout**: a ``/v1/`` request over ``limits.request_timeout_s`` is cancelled (its generation with
-  it) and answered 504 when no answer had started (a stream already under way is cut).
+  it) and answered 504 when no answer had started (a stream already under way is cut);
+* **disconnect**: a client that goes away before its answer is complete has its request cancelled
+  (vLLM aborts a cancelled generation), streamed or not: Starlette itself only stops streams.
 
 :func:`check_openai_request` is the OpenAI routes' caps (``n``, prompts, ``stop``, ``logit_bias``,
 ``logprobs``, text length) and their refusal of lone surrogates, before vLLM tokenizes anything.
@@ -68,13 +70,14 @@ class RequestGuard:
             return
         self.in_flight += admitted
         try:
-            replay = await self._read_body(scope, receive)
-            call = self.app(scope, replay, send_tracked)
+            body = await self._read_body(scope, receive)
+            gone = asyncio.Event()  # set when the client disconnects
+            replay = _replay(body, gone)
             if admitted:
                 async with asyncio.timeout(self.limits.request_timeout_s):
-                    await call
+                    await _run_until_gone(self.app(scope, replay, send_tracked), receive, gone, body is None)
             else:
-                await call
+                await _run_until_gone(self.app(scope, replay, send_tracked), receive, gone, body is None)
         except _BodyTooLarge as exc:
             if not started:
                 await refuse(413, str(exc), "request_too_large")
@@ -94,8 +97,8 @@ class RequestGuard:
         finally:
             self.in_flight -= admitted
 
-    async def _read_body(self, scope: dict, receive: Any) -> Any:
-        """The body, read up to the limit (413 past it), replayed to the app as one message."""
+    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
+        """The body, read up to the limit (413 past it); None when the client left before sending it."""
         limit = self.limits.max_body_bytes
         too_large = f"request body over max_body_bytes={limit} bytes"
         for name, value in scope.get("headers", ()):
@@ -110,27 +113,55 @@ class RequestGuard:
         size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # a disconnect: let the app see it
-                return _replay([], receive, first=message)
+            if message["type"] != "http.request":  # a disconnect
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise _BodyTooLarge(too_large)
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return _replay(chunks, receive)
+                return b"".join(chunks)
 
 
-def _replay(chunks: list[bytes], receive: Any, first: dict | None = None) -> Any:
-    pending: list[dict] = [first] if first else [{"type": "http.request", "body": b"".join(chunks),
-                                                  "more_body": False}]
+def _replay(body: bytes | None, gone: asyncio.Event) -> Any:
+    """The app's ``receive``: the body as one message, then the disconnect once it happens."""
+    pending = [] if body is None else [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> dict:
         if pending:
             return pending.pop()
-        return await receive()  # after the body: the disconnect, when it comes
+        await gone.wait()
+        return {"type": "http.disconnect"}
 
     return replay
+
+
+async def _run_until_gone(call: Any, receive: Any, gone: asyncio.Event, left_already: bool) -> None:
+    """Await the app; if the client disconnects first, cancel it and wait for it to unwind."""
+
+    async def watch() -> None:  # the only reader of the server's receive once the body is read
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    if left_already:
+        gone.set()
+    app_task = asyncio.ensure_future(call)
+    watcher = asyncio.ensure_future(watch())
+    gone_task = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({app_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this task is cancelled (the timeout): never leave the app running
+        watcher.cancel()
+        gone_task.cancel()
+        if not app_task.done():
+            app_task.cancel()
+            await asyncio.wait({app_task})
+    if app_task.cancelled():
+        log.info("client disconnected: request cancelled")
+        return
+    app_task.result()  # the app's own exception, if any
 
 
 def has_lone_surrogate(value: Any) -> bool:
