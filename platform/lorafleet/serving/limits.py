@@ -105,8 +105,8 @@ class RequestGuard:
             if name == b"content-length":
                 try:
                     declared = int(value)
-                except ValueError:
-                    raise _BodyTooLarge(f"{too_large} (Content-Length is not a number)") from None
+                except ValueError:  # the HTTP server refuses it before us; else the bytes read count
+                    continue
                 if declared > limit:
                     raise _BodyTooLarge(f"{too_large} (Content-Length: {declared})")
         chunks: list[bytes] = []
