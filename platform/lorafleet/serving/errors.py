@@ -85,9 +85,13 @@ class ServingError(Exception):
 OPENAPI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
     for code, what in {
-        401: "missing or invalid API key", 404: "unknown adapter (lists the available ones)",
-        409: "adapter files do not match their registered sha256", 413: "text over the token limit",
-        422: "invalid request (field errors)",
+        400: "a body that cannot be parsed", 401: "missing or invalid API key",
+        404: "unknown adapter or collection (lists the available ones)",
+        409: "adapter files do not match their registered sha256, or the registry cannot be read for it",
+        413: "body over max_body_bytes, text over max_text_chars or over the token limit",
+        422: "invalid request (field errors), or an adapter the engine cannot load",
+        429: "too many requests in flight on this replica (Retry-After)", 500: "internal error (logged)",
+        504: "no answer within request_timeout_s",
     }.items()
 }
 
