@@ -340,10 +340,11 @@ def test_base_build_refuses_before_building(tmp_path: Path) -> None:
 # --- `lorafleet adapters rm` / `promote` -------------------------------------------------------------------------
 
 
-def test_cli_rm_refuses_the_live_version_without_force(tmp_path: Path, capsys) -> None:
+def test_cli_rm_refuses_the_live_version_without_force(tmp_path: Path, capsys, monkeypatch) -> None:
     from lorafleet.cli import main
 
     home = tmp_path / "h"
+    monkeypatch.setenv("LORAFLEET_HOME", str(home))  # --home sets it for the process: restored after the test
     reg = Registry(home / "registry")
     register(reg, "m", adapter(tmp_path / "a1"), None)
     register(reg, "m", adapter(tmp_path / "a2"), None)
@@ -362,10 +363,11 @@ def test_cli_rm_refuses_the_live_version_without_force(tmp_path: Path, capsys) -
     assert "removed m@2" in capsys.readouterr().out and reg.names() == []
 
 
-def test_cli_promote_warns_about_dora(tmp_path: Path, capsys) -> None:
+def test_cli_promote_warns_about_dora(tmp_path: Path, capsys, monkeypatch) -> None:
     from lorafleet.cli import main
 
     home = tmp_path / "h"
+    monkeypatch.setenv("LORAFLEET_HOME", str(home))  # --home sets it for the process: restored after the test
     reg = Registry(home / "registry")
     register(reg, "m", adapter(tmp_path / "a1"), None)
     register(reg, "m", adapter(tmp_path / "a2", use_dora=True), None)
