@@ -47,5 +47,5 @@ def test_hub_id_not_in_cache_is_a_config_error_with_the_fix(hf_cache, tmp_path):
 
 def test_folder_wins_and_a_missing_folder_is_not_looked_up_as_a_hub_id(base_model, tmp_path):
     assert ServeSettings(base_model=str(base_model)).require_base_model() == Path(base_model).resolve()
-    with pytest.raises(ConfigError, match="no folder"):
+    with pytest.raises(ConfigError, match="no folder with config.json"):
         ServeSettings(base_model=str(tmp_path / "nowhere")).require_base_model()

@@ -152,8 +152,8 @@ class ServeSettings(Section):
             hint = ("build it with `lorafleet base build`, import one with `lorafleet base import-gguf`, "
                     "or give a hub id that is in the local HF cache "
                     f"(`huggingface-cli download {self.base_model}` where the hub is reachable)")
-            raise ConfigError(source, [f"base model {self.base_model} not found: no folder {base} "
-                                       f"with config.json and no HF cache entry; {hint}"])
+            raise ConfigError(source, [f"base model {base} not found (no folder with config.json, no HF "
+                                       f"cache entry for {self.base_model}); {hint}"])
         return base
 
     def registry_root(self) -> Path:
