@@ -196,28 +196,22 @@ class Registry:
         *,
         promote: bool = False,
     ) -> Entry:
-        """Copy an artifact folder in as the next version of ``name``.
+        """Copy an artifact folder in as the next version of ``name``; returns the new entry.
 
-        The copy is staged under a hidden ``.tmp-<uuid>`` key, hashed, made durable and
-        then published as the next free version number, so readers never see it
-        half-written and concurrent writers get distinct versions.
+        The copy is staged under a hidden ``.tmp-<uuid>`` key, hashed, made durable and then
+        published as the next free version number, so readers never see it half-written and
+        concurrent writers get distinct versions.
 
         Args:
             name: Artifact name (see ``validate_name``).
-            src_dir: Folder to copy (sub-folders allowed; symlinks are followed). A
-                top-level ``lorafleet.json`` in it is replaced by a fresh one.
-            metadata: JSON-serialisable dict (base_model, task, method, metrics, config, ...).
-                The registry adds name, version, created, files and size_bytes, overriding
-                any caller values under those keys.
-            promote: Point 'live' at the new version. If ``name`` has no 'live' alias yet
-                (e.g. it is the first version), 'live' is set regardless.
+            src_dir: Folder to copy (sub-folders allowed; symlinks are followed). A top-level
+                ``lorafleet.json`` in it is replaced by a fresh one.
+            metadata: JSON-serialisable dict (base_model, task, method, metrics, config, ...);
+                name, version, created, files and size_bytes are the registry's.
+            promote: Point 'live' at the new version ('live' is set anyway when ``name`` has none).
 
-        Returns:
-            The new entry.
-
-        Raises:
-            RegistryError: If the name is invalid, ``src_dir`` is not a folder, or the
-                metadata is not a JSON-serialisable dict.
+        Raises RegistryError for an invalid name, a ``src_dir`` that is not a folder, or
+        metadata that is not a JSON-serialisable dict.
         """
         src, meta = _check_inputs(name, src_dir, metadata)
         folder = name_key(self.storage, name)
@@ -316,24 +310,13 @@ class Registry:
     def remove(
         self, name: str, version: str | None = None, *, force: bool = False
     ) -> list[Entry]:
-        """Remove one version, or the whole artifact when ``version`` is None.
+        """Remove one version (number or alias), or every version and the aliases when ``version``
+        is None; returns the removed entries.
 
-        The live version (``_live_version``: what serving answers ``name`` with) goes only
-        with ``force``, also as part of the whole artifact. Aliases of a removed version are
-        dropped, so ``resolve(name)`` then falls back to the latest remaining version.
-
-        Args:
-            name: Artifact name.
-            version: Version number or alias; None removes every version and the aliases.
-            force: Allow removing the live version.
-
-        Returns:
-            The removed entries.
-
-        Raises:
-            ArtifactNotFoundError: If the name/version is unknown.
-            LiveVersionError: If the removal includes the live version and ``force`` is False.
-        """
+        The live version (``_live_version``: what serving answers ``name`` with) goes only with
+        ``force`` (else LiveVersionError), also as part of the whole artifact; an unknown name or
+        version is ArtifactNotFoundError. Aliases of a removed version are dropped, so
+        ``resolve(name)`` then falls back to the latest remaining version."""
         validate_name(name)
         folder = name_key(self.storage, name)
         if version is None:
