@@ -337,6 +337,19 @@ def test_base_build_refuses_before_building(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # nothing staged beside it
 
 
+def test_base_build_cli_refuses_before_ray_starts(tmp_path: Path, capsys, monkeypatch) -> None:
+    from lorafleet import finetune
+    from lorafleet.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(finetune, "init_ray", lambda *a, **k: pytest.fail("Ray started before the refusal"))
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
+    assert main(["base", "build", "--out", str(mine), "--steps", "0"]) == 2
+    assert "never deleted" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
+
+
 # --- `lorafleet adapters rm` / `promote` -------------------------------------------------------------------------
 
 

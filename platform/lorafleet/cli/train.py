@@ -16,8 +16,11 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     from lorafleet.finetune import init_ray
     from lorafleet.pretrain import build_base
 
+    from lorafleet.base_model import check_build_target
+
     home = default_home()
     out = Path(args.out) if args.out else home / "models" / "tiny"
+    check_build_target(out)  # before Ray starts: a folder we may not replace is refused at once (exit 2)
     init_ray()
     path = build_base(out, steps=args.steps, num_workers=args.workers, home=home)
     print(f"base model written to {path}")
