@@ -81,7 +81,7 @@ demo: venv base smollm2
 # pytest's exit 5 ("no tests ran") counts as a failure: a broken selection must not pass.
 PYTEST = bash -c '$(PY) -m pytest -q $(1) tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
 
-# Everything: unit tests, training, sweeps, the 2-node cluster, serving (~20 min on 2 cores).
+# Everything: unit tests, training, sweeps, the 2-node cluster, serving (30+ min on 2 cores).
 test: venv base smollm2
 	$(call PYTEST,--durations=15)
 
