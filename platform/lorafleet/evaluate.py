@@ -77,22 +77,58 @@ def label_probs(
     model: nn.Module, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int = 32
 ) -> torch.Tensor:
     """P(label | prompt) for each prompt and label: softmax over the summed log-probabilities of
-    each label's tokens followed by EOS (EOS keeps 'bill' from scoring as a prefix of 'billing')."""
+    each label's tokens followed by EOS (EOS keeps 'bill' from scoring as a prefix of 'billing').
+
+    Each prompt runs once and its KV cache is shared by every label's continuation, so scoring costs
+    about one prompt pass per row instead of one per (row, label): 4 labels of SmolLM2-135M scored
+    40 tickets in 27 s as full sequences on 2 CPU cores. ``batch_size`` bounds the (row, label)
+    continuations per pass, as it bounded the full sequences before (same cache memory).
+    """
     model.eval()
     device = next(model.parameters()).device
     label_ids = [target_ids(tokenizer, lab) for lab in labels]
-    scores = torch.zeros(len(prompts), len(labels))
-    pairs = [(i, j, p + lab) for i, p in enumerate(prompts) for j, lab in enumerate(label_ids)]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        ids, mask = _right_pad([seq for _, _, seq in chunk], tokenizer.pad_token_id)
-        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for k, (i, j, seq) in enumerate(chunk):
-            n = len(label_ids[j])
-            positions = torch.arange(len(seq) - n - 1, len(seq) - 1)
-            targets = torch.tensor(seq[len(seq) - n :])
-            scores[i, j] = logprobs[k, positions, targets.to(device)].sum().cpu()
+    n_labels = len(label_ids)
+    scores = torch.zeros(len(prompts), n_labels)
+    rows_per_pass = max(1, batch_size // n_labels)
+    for start in range(0, len(prompts), rows_per_pass):
+        chunk = prompts[start : start + rows_per_pass]
+        scores[start : start + len(chunk)] = _label_scores(model, tokenizer, chunk, label_ids, device)
     return torch.softmax(scores, dim=-1)
+
+
+def _label_scores(model: nn.Module, tokenizer, prompts: list[list[int]], label_ids: list[list[int]],
+                  device: torch.device) -> torch.Tensor:
+    """Summed log-probabilities [rows, labels] of each label's tokens after each prompt.
+
+    Prompts are left-padded with explicit position ids (each row's real tokens at 0..n-1, as if
+    unpadded); continuations (each label's tokens but the last) are right-padded after them."""
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # [rows, vocab]: each label's first token
+    n_rows, n_labels = len(prompts), len(label_ids)
+    scores = torch.stack([first[:, lab[0]] for lab in label_ids], dim=1)
+    width = max(len(lab) for lab in label_ids) - 1  # >= 1: every label ends with EOS
+    cont = torch.full((n_labels, width), tokenizer.pad_token_id, dtype=torch.long)
+    cont_mask = torch.zeros_like(cont)
+    for j, lab in enumerate(label_ids):
+        cont[j, : len(lab) - 1] = torch.tensor(lab[:-1])
+        cont_mask[j, : len(lab) - 1] = 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_labels)  # row r's cache at rows r*L .. r*L+L-1
+    last = positions[:, -1:] + 1  # each row's next position
+    cont_ids = cont.repeat(n_rows, 1)
+    full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), cont_mask.repeat(n_rows, 1)], dim=1)
+    cont_positions = (last + torch.arange(width)).repeat_interleave(n_labels, 0)
+    logits = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
+                   position_ids=cont_positions.to(device), past_key_values=cache, use_cache=True).logits
+    logprobs = torch.log_softmax(logits.float(), -1).cpu()  # [rows * labels, width, vocab]
+    for j, lab in enumerate(label_ids):
+        rest = torch.tensor(lab[1:])  # predicted at continuation positions 0 .. len-2
+        scores[:, j] += logprobs[j::n_labels, torch.arange(len(rest))].gather(
+            -1, rest.expand(n_rows, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
+    return scores
 
 
 @torch.no_grad()
