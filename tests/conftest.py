@@ -77,7 +77,11 @@ def ray_local(tmp_path_factory):
 
     if not ray.is_initialized():
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", num_cpus=4, include_dashboard=True)
+        from lorafleet.run import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+
+        # The controller's poll interval that lorafleet.run.init_ray gives a local Ray (why: there).
+        ray.init(address="local", num_cpus=4, include_dashboard=True,
+                 runtime_env={"env_vars": {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)}})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

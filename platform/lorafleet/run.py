@@ -71,6 +71,10 @@ class RunSummary:
 # --- Ray ----------------------------------------------------------------------------------------
 
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_TRAIN_POLL_S = "0.2"  # seconds; see init_ray
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS), or start a private local instance.
 
@@ -80,6 +84,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     Ray instances on one machine its auto-detection fails ("Found multiple active Ray instances"),
     so a finished (or ASHA-stopped) run's CPUs never come back. Tune with the dashboard off
     deadlocked (docs/SWEEPS.md).
+
+    Locally Ray Train's controller also polls its workers every 0.2 s instead of every 2 s
+    (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, unless set): worker-group start, each `report()` and the end
+    of a run wait for a poll, and a 60-step run spent ~4 s of its ~21 s in those waits (the 7-rung
+    classification ladder, 121 s -> 104 s, same metrics, 2 CPU cores). A cluster keeps Ray's 2 s.
     """
     if ray.is_initialized():
         return
@@ -92,7 +101,10 @@ def init_ray(num_cpus: int | None = None) -> None:
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_port=port,
-            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            runtime_env={"env_vars": {
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S),
+            }},
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
 
