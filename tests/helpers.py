@@ -61,6 +61,21 @@ def last_json(stdout: str) -> dict:
 _handed_out: set[int] = set()
 
 
+def write_serve_config(path: Path, port: int, **args) -> Path:
+    """A one-application `lorafleet serve` config at ``path`` (serve.app:build_app on 127.0.0.1:``port``,
+    no access log) with ``args`` as the builder's arguments."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
+            "logging_config": {"enable_access_log": False}, "args": args,
+        }],
+    }))
+    return path
+
+
 def free_port(low: int = 20000, high: int = 29999) -> int:
     """A port that is free now and stays so until the server binds it: clear of Ray's worker ports
     (10002-19999), Serve's direct-ingress ports (30000+) and the kernel's ephemeral range (32768+),

@@ -28,9 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import LORAFLEET, REPO, free_port, stop_tree
+from helpers import LORAFLEET, REPO, free_port, stop_tree, write_serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +47,10 @@ TEXTS = [
 
 
 def _write_serve_config(serve_home: Path, port: int, ingress: str) -> Path:
-    config = serve_home / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
-            "logging_config": {"enable_access_log": False},
-            "args": {"model_id": "tiny", "base_model": "${home}/models/tiny",
-                     "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
-                     "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY], "ingress": ingress},
-        }],
-    }))
-    return config
+    return write_serve_config(
+        serve_home / "serve.yaml", port, model_id="tiny", base_model="${home}/models/tiny",
+        tasks={"classification": "tickets-lora", "summarization": "notes-lora"},
+        max_loras=4, max_tokens=64, api_keys=[API_KEY], ingress=ingress)
 
 
 def _wait_ready(proc: subprocess.Popen, log: Path, port: int, started: float) -> list:

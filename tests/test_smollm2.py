@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import LORAFLEET, REPO, cli_env, free_port, last_json, run_cli, stop_tree
+from helpers import LORAFLEET, REPO, cli_env, free_port, last_json, run_cli, stop_tree, write_serve_config
 from lorafleet import base_import
 from lorafleet.base_import import MARKER, SMOLLM2_NAME, import_gguf
 
@@ -173,17 +172,9 @@ def smol_served(smol_run) -> Iterator[dict]:
 
     home = smol_run["home"]
     port = free_port()
-    config = home / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "lorafleet", "route_prefix": "/", "import_path": "serve.app:build_app",
-            "logging_config": {"enable_access_log": False},
-            "args": {"model_id": "smollm2", "base_model": f"${{home}}/models/{SMOLLM2_NAME}",
-                     "tasks": {"classification": "smol-tickets"}, "max_loras": 2, "max_model_len": 512,
-                     "max_tokens": 64},
-        }],
-    }))
+    config = write_serve_config(
+        home / "serve.yaml", port, model_id="smollm2", base_model=f"${{home}}/models/{SMOLLM2_NAME}",
+        tasks={"classification": "smol-tickets"}, max_loras=2, max_model_len=512, max_tokens=64)
     log_path = home / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([LORAFLEET, "serve", str(config), "--home", str(home), "--num-cpus", "4"],
