@@ -483,8 +483,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(default_home() / "models" / "tiny"),
                         help="base model folder (default: $LORAFLEET_HOME/models/tiny or ./.lorafleet/...)")
     parser.add_argument("--ray-poll-s", type=float, default=None,
-                        help="set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray Train's controller poll, default 2 s) "
-                        "for this bench's private Ray; default: leave Ray's setting alone")
+                        help="set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray Train's controller poll: Ray's default 2 s, "
+                        "lorafleet's local default 0.2 s) for this bench's private Ray; default: lorafleet's")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")
     parser.add_argument("--_plain", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -549,6 +549,8 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
+    from lorafleet.run import LOCAL_TRAIN_POLL_S
+
     result = {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(),
@@ -560,7 +562,8 @@ def main() -> None:
             "model": args.model,
             "worker_threads": max(1, int(cfgs["lora"].scaling.cpus_per_worker)),
             "niceness": niceness,
-            "ray_train_health_check_interval_s": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0 (Ray default)"),
+            "ray_train_health_check_interval_s": os.environ.get(
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", f"{LOCAL_TRAIN_POLL_S} (lorafleet.run.init_ray's local default)"),
         },
         "load_before": load_before,
         "load_after": load_after,
