@@ -75,14 +75,10 @@ def ray_local(tmp_path_factory):
     """One private local Ray instance for in-process tests (never attaches to another Ray)."""
     import ray
 
-    if not ray.is_initialized():
-        os.environ.pop("RAY_ADDRESS", None)
-        from lorafleet.run import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+    from lorafleet.run import init_ray
 
-        # The controller's poll interval that lorafleet.run.init_ray gives a local Ray (why: there).
-        ray.init(address="local", num_cpus=4, include_dashboard=True,
-                 runtime_env={"env_vars": {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)}})
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=4)  # what the CLI starts: a private local Ray with lorafleet's settings
     yield ray
     ray.shutdown()
 

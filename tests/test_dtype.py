@@ -206,3 +206,28 @@ def test_fsdp_full_step_in_bf16_keeps_fp32_master_weights(base_model, tmp_path):
                 assert (p.detach() != before[name]).float().mean().item() > 0.9
     finally:
         dist.destroy_process_group()
+
+
+def test_label_probs_shares_the_prompt_and_equals_full_sequence_scoring(base_model):
+    # The KV-cache sharing in evaluate.label_probs against the plain definition: one full sequence per
+    # (prompt, label), summed log-probabilities of the label's tokens and EOS. Labels of 1 and several
+    # tokens, one a prefix of another; prompts of different lengths (left padding); batch sizes that
+    # split the rows unevenly.
+    from lorafleet.data import prompt_ids, target_ids
+    from lorafleet.evaluate import label_probs
+
+    model, tok, _ = load_for_eval(None, str(base_model))
+    labels = ["bill", "billing", "tech support", "account"]
+    rows = _read(5)
+    prompts = [prompt_ids(tok, get_task("classification").instruction(r)) for r in rows]
+    assert len({len(p) for p in prompts}) > 1
+    want = torch.zeros(len(prompts), len(labels))
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            for j, lab in enumerate(labels):
+                t = target_ids(tok, lab)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0].float(), -1)
+                want[i, j] = logp[torch.arange(len(p) - 1, len(p) + len(t) - 1), torch.tensor(t)].sum()
+    want = torch.softmax(want, -1)
+    for batch_size in (4, 9, 32):
+        assert torch.allclose(label_probs(model, tok, prompts, labels, batch_size=batch_size), want, atol=1e-5)
