@@ -59,3 +59,35 @@ def test_train_config_problems_exit_2(tmp_path: Path, monkeypatch, capsys) -> No
     assert "train.lrr: unknown key" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="give a CONFIG file"):
         main(["train"])
+
+
+def _watch(states: list, *, grace_s: float = 100.0) -> tuple[str | None, int]:
+    """watch_app over scripted Serve states, one every 10 s of a fake clock; stops when they run out."""
+    from lorafleet.cli.serve import watch_app
+
+    t = {"now": 0.0, "asked": 0}
+
+    def status() -> str:
+        state = states[t["asked"]]
+        t["asked"] += 1
+        t["now"] += 10
+        if isinstance(state, Exception):
+            raise state
+        return state
+
+    why = watch_app(status, every_s=0.0, grace_s=grace_s, clock=lambda: t["now"],
+                    stopped=lambda: t["asked"] >= len(states))
+    return why, t["asked"]
+
+
+def test_serve_exits_on_a_dead_app_and_waits_out_a_replica_restart() -> None:
+    # Serve replacing a dead engine replica (UNHEALTHY, DEPLOYING) within the grace: keep serving.
+    assert _watch(["RUNNING", "UNHEALTHY", "DEPLOYING", "UNHEALTHY", "RUNNING", "RUNNING"]) == (None, 6)
+    # The grace restarts after each recovery; it is counted from the first unhealthy answer.
+    assert _watch(["UNHEALTHY"] * 5 + ["RUNNING"] + ["UNHEALTHY"] * 5, grace_s=45) == (None, 11)
+    why, asked = _watch(["RUNNING"] + ["UNHEALTHY"] * 20, grace_s=45)
+    assert why == "the application stayed UNHEALTHY for 45 s" and asked == 7
+    assert _watch(["RUNNING", "DEPLOY_FAILED", "RUNNING"]) == ("the application is DEPLOY_FAILED", 2)
+    assert _watch(["RUNNING", "MISSING"]) == ("the application is MISSING", 2)
+    why, asked = _watch(["RUNNING", ConnectionError("GCS is gone"), "RUNNING"])
+    assert why == "Ray Serve does not answer (ConnectionError: GCS is gone)" and asked == 2

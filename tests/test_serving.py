@@ -116,7 +116,7 @@ def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_mode
         yield {
             "url": f"http://127.0.0.1:{port}", "home": serve_home, "base": base, "registry": reg,
             "adapters": {"tickets-lora": a, "notes-lora": b}, "tok": tok, "prompts": prompts, "work": work,
-            "startup_health": health, "mode": ingress,
+            "startup_health": health, "mode": ingress, "pid": proc.pid, "log": log_path,
         }
     finally:
         stop_tree(proc, signal.SIGTERM, wait=90)  # the CLI shuts Serve and its Ray down; then the rest

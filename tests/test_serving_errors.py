@@ -54,7 +54,10 @@ class FakeEngine:
         return SimpleNamespace(choices=[SimpleNamespace(index=0, text=" a note")])
 
     async def check_health(self) -> None:
-        pass
+        if self.mode == "dead":  # vLLM's AsyncLLM.check_health raises EngineDeadError
+            raise RuntimeError("EngineDeadError: engine core died")
+        if self.mode == "hung":  # a replica being replaced: the handle call waits
+            await asyncio.sleep(30)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def registry(tmp_path_factory):
 
     base = Path(os.environ.get("LORAFLEET_HOME", ".lorafleet")) / "models" / "tiny"
     if not (base / "config.json").is_file():  # pragma: no cover
-        pytest.skip("tiny base model not built (make setup)")
+        pytest.skip("tiny base model not built (make base)")
     reg = Registry(tmp_path_factory.mktemp("reg"))
     work = tmp_path_factory.mktemp("work")
     register_random_adapter(reg, "tickets-lora", base, work, seed=1)
@@ -235,6 +238,30 @@ def make_limits(**kw: Any) -> Any:
     from lorafleet.config.serve import LimitSettings
 
     return LimitSettings(**kw)
+
+
+def test_healthz_follows_the_engine_after_it_was_ready(registry, monkeypatch):
+    """Ready once is not ready forever: a dead or unresponsive engine turns /healthz to 503
+    "unhealthy" (with Retry-After), and it says "ok" again once the engine answers."""
+    from lorafleet.serving import router
+
+    monkeypatch.setattr(router, "HEALTH_TIMEOUT_S", 0.2)
+    app, engine = make_app(registry)
+
+    async def go():
+        answers = []
+        async with client(app, key=None) as c:
+            for mode in ("ok", "dead", "hung", "ok"):
+                engine.mode = mode
+                answers.append(await c.get("/healthz"))
+        return answers
+
+    ok, dead, hung, back = asyncio.run(go())
+    for r in (ok, back):
+        assert (r.status_code, r.json()) == (200, {"status": "ok", "model": "tiny"})
+    for r in (dead, hung):
+        assert (r.status_code, r.json()) == (503, {"status": "unhealthy", "model": "tiny"})
+        assert r.headers["retry-after"] == "5"
 
 
 def test_admission_bound_answers_429_with_retry_after_and_timeout_504(registry):

@@ -9,10 +9,16 @@ in another process, promotion. The other routes are the same code in both modes 
 
 from __future__ import annotations
 
+import time
+
+import psutil
 import pytest
 
 # Imported test functions are collected (and run against this module's `stack`) here too.
 from test_serving import (  # noqa: F401
+    _client,
+    _complete,
+    _ids,
     reference,
     serving_stack,
     test_healthz_open_and_models_listed,
@@ -30,3 +36,32 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, trained, home, base_model):
     yield from serving_stack("separate", tmp_path_factory, trained, home, base_model)
+
+
+# Last in the module: it replaces the engine replica the tests above ran against.
+def test_killed_engine_replica_is_replaced_and_healthz_says_so(stack, reference):
+    """Issue 20 item 4, for real: SIGKILL the engine replica's process. The ingress stays up and
+    /healthz answers 503 "unhealthy" (the engine does not answer); Ray Serve starts a new replica;
+    /healthz says "ok" again; `lorafleet serve` keeps serving (the application was only
+    repairing); an adapter request answers token for token as before (loaded again on demand)."""
+    serve_proc = psutil.Process(stack["pid"])
+    replicas = [p for p in serve_proc.children(recursive=True)
+                if "ServeReplica:lorafleet:LLMServer:tiny" in " ".join(p.cmdline())]
+    assert len(replicas) == 1, [" ".join(p.cmdline())[:80] for p in serve_proc.children(recursive=True)]
+    replicas[0].kill()
+    killed = time.time()
+    seen: list = []
+    with _client(stack, key=None) as c:
+        while not (seen and seen[-1][0] == 200 and any(code == 503 for code, _ in seen)):
+            assert time.time() - killed < 300, f"no 503 then 200 within 300 s: {seen}"
+            r = c.get("/healthz", timeout=10)
+            seen.append((r.status_code, r.json()))
+            time.sleep(0.5)
+    took = time.time() - killed
+    print(f"engine replica replaced in {took:.0f} s; /healthz: {sorted(set(map(str, seen)))}")
+    assert {code for code, _ in seen} == {200, 503}, seen
+    assert (503, {"status": "unhealthy", "model": "tiny"}) in seen
+    assert serve_proc.is_running() and serve_proc.status() != psutil.STATUS_ZOMBIE  # the CLI did not give up
+    with _client(stack) as c:
+        out = _complete(c, "tickets-lora", stack["prompts"][0])
+    assert _ids(out, stack["tok"].eos_token_id) == reference["tickets-lora"][0]

@@ -99,8 +99,50 @@ def _build(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
         raise ConfigError(args.config, [str(err)]) from None
 
 
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM."""
+# How `lorafleet serve` watches its application (Ray Serve's status, every WATCH_EVERY_S) while it
+# serves. DEPLOYING/UNHEALTHY mean Serve is replacing a replica (a dead vLLM engine restarts in about
+# a minute on 2 CPU cores): that gets UNHEALTHY_GRACE_S before the CLI gives up on the application.
+WATCH_EVERY_S = 5.0
+UNHEALTHY_GRACE_S = 600.0
+REPAIRING = {"DEPLOYING", "UNHEALTHY"}
+
+
+def app_status(name: str) -> str:
+    """The application's status in Ray Serve ("RUNNING", "UNHEALTHY", ...), or "MISSING"."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    return "MISSING" if app is None else getattr(app.status, "value", str(app.status))
+
+
+def watch_app(status: Any, *, every_s: float = WATCH_EVERY_S, grace_s: float = UNHEALTHY_GRACE_S,
+              stopped: Any = lambda: False, clock: Any = time.monotonic) -> str | None:
+    """Poll ``status()`` until ``stopped()`` (None: a clean stop) or the application is beyond saving:
+    returns why. Beyond saving: its deployment failed, it is gone, Serve cannot be asked (its
+    controller or the Ray it runs on died), or it stayed DEPLOYING/UNHEALTHY for ``grace_s``."""
+    repairing_since: float | None = None
+    next_check = clock()
+    while not stopped():
+        if clock() >= next_check:
+            next_check = clock() + every_s
+            try:
+                state = status()
+            except Exception as exc:  # the controller or Ray is gone: nothing left to serve with
+                return f"Ray Serve does not answer ({type(exc).__name__}: {exc})"
+            if state in REPAIRING:
+                repairing_since = clock() if repairing_since is None else repairing_since
+                if clock() - repairing_since >= grace_s:
+                    return f"the application stayed {state} for {grace_s:.0f} s"
+            elif state == "RUNNING":
+                repairing_since = None
+            else:  # DEPLOY_FAILED, DELETING, MISSING, NOT_STARTED: not coming back by itself
+                return f"the application is {state}"
+        time.sleep(min(0.5, every_s))
+    return None
+
+
+def _serve_until_stopped(app_name: str) -> int:
+    """Block until Ctrl-C or SIGTERM (0), or until the application is dead (a message, then 1)."""
     stop = {"now": False}
 
     def _stop(*_: Any) -> None:
@@ -108,14 +150,18 @@ def _wait_for_stop() -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        while not stop["now"]:
-            time.sleep(0.5)
+        why = watch_app(lambda: app_status(app_name), stopped=lambda: stop["now"])
     except KeyboardInterrupt:
-        pass
+        return 0
+    if why is None:
+        return 0
+    print(f"error: lorafleet serve: {why}; stopping", file=sys.stderr, flush=True)
+    return 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start the app from a Ray Serve config file and block until Ctrl-C."""
+    """Start the app from a Ray Serve config file and serve until Ctrl-C/SIGTERM (0) or until the
+    application dies (1, see watch_app)."""
     from lorafleet.config import default_home
     from lorafleet.config.serve import load_settings, read_serve_app
 
@@ -146,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-    serving = False
+    serving, rc = False, 1
     try:
         app = _build(args, settings)
         # The application's logging_config, as `serve run` applies it (also to the HTTP proxy here).
@@ -156,13 +202,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix, logging_config=app_cfg.logging_config)
         url = f"http://{http['host']}:{http['port']}"
         print(f"lorafleet serving at {url} (ready in {time.time() - started:.0f} s); Ctrl-C stops it", flush=True)
-        _wait_for_stop()
+        rc = _serve_until_stopped(app_cfg.name)
     finally:
         if serving:
-            serve.shutdown()
+            try:
+                serve.shutdown()
+            except Exception:
+                if rc == 0:
+                    raise
+                # dead already (watch_app's reason is printed): nothing left to shut down
         if not args.address:
             ray.shutdown()
-    return 0
+    return rc
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ from lorafleet.serving.server import RegistryLLMServer
 
 __all__ = ["LorafleetIngress", "LorafleetServer", "ENDPOINTS", "make_fastapi_app"]
 
-HEALTH_TIMEOUT_S = 2.0  # /healthz's wait for the engine replica before it answers 503 "starting"
+HEALTH_TIMEOUT_S = 2.0  # /healthz's wait for the engine's health check before it answers 503
 
 
 def make_fastapi_app(api_keys: list[str], limits: LimitSettings | None = None) -> FastAPI:
@@ -163,22 +163,24 @@ class LorafleetIngress(OpenAiIngress):
     # ----- operations ------------------------------------------------------------------------
 
     async def healthz(self) -> Response:
-        """200 once the engine replica has answered a health check; 503 ``starting`` before that.
+        """200 "ok" while the engine answers its health check within HEALTH_TIMEOUT_S; else 503:
+        "starting" until it first has, "unhealthy" after (a dead engine, a replica being restarted).
 
-        Ray Serve puts this ingress in front of clients while vLLM's engine is still starting
-        (requests then wait in the handle's queue), so without this a load balancer's probe says
-        "ready" tens of seconds early. Readiness latches: later probes never queue behind requests.
+        Ray Serve puts this ingress in front of clients while vLLM's engine is still starting, and
+        keeps it there while a failed engine replica is replaced, so without the check a load
+        balancer's probe says "ok" for an engine that cannot answer. The check never queues behind
+        generation: the engine deployment's ``max_ongoing_requests`` is unbounded (Ray's LLM
+        default), and in the colocated shape it is an in-process call.
         """
-        if not self._engine_ready:
-            try:
-                await asyncio.wait_for(self.engine.check_health(), timeout=HEALTH_TIMEOUT_S)
-                self._engine_ready = True
-            except Exception:  # not started yet (timeout) or its health check failed
-                pass
-        ready = self._engine_ready
-        body = HealthResponse(status="ok" if ready else "starting", model=self.base_id)
-        return JSONResponse(body.model_dump(), status_code=200 if ready else 503,
-                            headers=None if ready else {"Retry-After": "5"})
+        try:
+            await asyncio.wait_for(self.engine.check_health(), timeout=HEALTH_TIMEOUT_S)
+            self._engine_ready, status = True, "ok"
+        except Exception:  # not started yet (timeout), dead, or being replaced
+            status = "unhealthy" if self._engine_ready else "starting"
+        body = HealthResponse(status=status, model=self.base_id)
+        ok = status == "ok"
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": "5"})
 
     async def metrics_text(self) -> Response:
         text = self.metrics.render()
@@ -249,6 +251,6 @@ ENDPOINTS = {
     "translate": _task_route("/v1/translate", TranslateResponse, TaskHandlers.translate),
     "qa": _task_route("/v1/qa", QAResponse, TaskHandlers.qa),
     "healthz": lambda app: app.get("/healthz", response_model=HealthResponse, responses={
-        503: {"model": HealthResponse, "description": "the engine is still starting"}}),
+        503: {"model": HealthResponse, "description": "the engine is starting, or does not answer (unhealthy)"}}),
     "metrics_text": lambda app: app.get("/metrics", response_class=Response),
 }
