@@ -179,13 +179,16 @@ def test_grad_accum_skips_the_all_reduce_on_micro_steps(base_model, tmp_path):
 
 @pytest.mark.slow
 def test_every_rung_of_the_classification_ladder_in_bf16(home, env, tmp_path):
-    # ~3 minutes on 2 cores (180 s measured): 10 steps a rung, small splits; a failing rung fails the CLI.
+    # Every rung runs its bf16 path end to end; a failing rung fails the CLI. The sizes are the least
+    # that does: on a CPU without bf16 kernels (AVX2 only) a bf16 matmul is ~60x an fp32 one, so each
+    # row and step counts (feature extraction reads the whole train split, few-shot prompts are long).
     from helpers import last_json, run_cli
 
     proc = run_cli(["compare", "configs/tiny/compare-classification.yaml", "--json",
                     "--set", "base.model.dtype=bfloat16", "--set", "base.train.max_steps=10",
-                    "--set", "base.train.eval_every=10", "--set", "base.train.eval_samples=8",
-                    "--set", "base.data.synthetic_sizes={train: 200, validation: 16, test: 16}"],
+                    "--set", "base.train.batch_size=4", "--set", "base.train.eval_every=10",
+                    "--set", "base.train.eval_samples=8",
+                    "--set", "base.data.synthetic_sizes={train: 48, validation: 8, test: 8}"],
                    env, timeout=900)
     rows = last_json(proc.stdout)
     assert [r["rung"] for r in rows] == ["zero_shot", "few_shot", "feature", "head", "partial", "lora", "full"]
