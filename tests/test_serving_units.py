@@ -264,6 +264,27 @@ def test_ingress_mode_and_engine_metrics_reach_ray_serve_llm():
         ServeSettings(ingress="sideways")
 
 
+def test_autoscaling_reaches_the_engine_deployment():
+    """serve/config.yaml's `autoscaling` becomes the engine deployment's Ray Serve autoscaling_config
+    (as Ray Serve itself parses it), and makes `auto` pick the separate ingress; bad values are
+    config errors, all reported at once."""
+    pytest.importorskip("ray.llm")
+    from ray.serve.llm import build_llm_deployment
+
+    from lorafleet.config.serve import ServeSettings
+    from lorafleet.serving.app import llm_config_from
+
+    settings = ServeSettings(autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8})
+    assert settings.ingress_mode() == "separate"
+    assert ServeSettings(autoscaling={"max_replicas": 1}).ingress_mode() == "colocated"
+    deployment = build_llm_deployment(llm_config_from(settings))._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 8.0)
+    assert llm_config_from(ServeSettings(num_replicas=2)).deployment_config == {"num_replicas": 2}
+    with pytest.raises(ValueError, match=r"num_replicas or autoscaling, not both.*min_replicas=3 is above max_replicas=2"):
+        ServeSettings(num_replicas=2, autoscaling={"min_replicas": 3, "max_replicas": 2})
+
+
 def test_fast_path_env_names_exist_in_ray_serve():
     """The env of the fast path names flags Ray Serve actually reads (a renamed flag would be a
     silent no-op)."""

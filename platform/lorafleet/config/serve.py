@@ -26,6 +26,7 @@ __all__ = [
     "ServeSettings",
     "RagSettings",
     "LimitSettings",
+    "AutoscalingSettings",
     "ServeApp",
     "API_KEYS_ENV",
     "SERVED_TASKS",
@@ -73,6 +74,16 @@ class LimitSettings(Section):
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) of a 429.")
 
 
+class AutoscalingSettings(Section):
+    """Ray Serve autoscaling of the engine replicas, instead of a fixed ``num_replicas``."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Replicas kept up when idle (0: scale to zero; "
+                              "then the first request waits for an engine to start).")
+    max_replicas: int = Field(default=2, ge=1, description="Upper bound; each replica is one vLLM engine.")
+    target_ongoing_requests: float = Field(default=32, gt=0, description="Requests in flight per replica "
+                                           "that Serve scales towards (more: add replicas; fewer: remove).")
+
+
 class ServeSettings(Section):
     """Everything `build_app` needs. Paths may use ``${home}`` (the lorafleet home)."""
 
@@ -85,7 +96,10 @@ class ServeSettings(Section):
         default_factory=dict, description="Task -> default adapter ref, e.g. {classification: tickets-lora}."
     )
     accelerator: Literal["cpu", "gpu"] = "cpu"
-    num_replicas: int = Field(default=1, ge=1)
+    num_replicas: int = Field(default=1, ge=1, description="Engine replicas (fixed); or set autoscaling.")
+    autoscaling: AutoscalingSettings | None = Field(
+        default=None, description="Ray Serve autoscaling of the engine replicas (min_replicas, max_replicas, "
+        "target_ongoing_requests) instead of num_replicas.")
     max_loras: int = Field(default=4, ge=1, description="Adapters per engine step = per-replica LRU size.")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="vLLM's CPU-side adapter cache.")
     max_lora_rank: int = Field(default=16, ge=1)
@@ -99,7 +113,8 @@ class ServeSettings(Section):
         description="Where the HTTP routes run. 'colocated': in the engine's replica (HAProxy -> "
         "replica -> vLLM in-process; no hop between processes). 'separate': an ingress deployment in "
         "front of the engine replicas, with Ray Serve's multiplexed routing sending each adapter's "
-        "requests to replicas that hold it. 'auto': colocated for one replica, separate for more.",
+        "requests to replicas that hold it. 'auto': colocated for one replica, separate for more "
+        "(num_replicas or autoscaling.max_replicas above 1).",
     )
     engine_metrics: bool = Field(
         default=True, description="vLLM's engine metrics (vllm:* queue lengths, tokens, latencies). "
@@ -113,6 +128,12 @@ class ServeSettings(Section):
     def _check(self) -> "ServeSettings":
         problems = [f"tasks: unknown task {task!r}; valid: {list(SERVED_TASKS)}"
                     for task in self.tasks if task not in SERVED_TASKS]
+        if self.autoscaling is not None:
+            if self.num_replicas != 1:
+                problems.append("set num_replicas or autoscaling, not both")
+            if self.autoscaling.min_replicas > self.autoscaling.max_replicas:
+                problems.append(f"autoscaling: min_replicas={self.autoscaling.min_replicas} is above "
+                                f"max_replicas={self.autoscaling.max_replicas}")
         if self.max_tokens >= self.max_model_len:
             problems.append(f"max_tokens={self.max_tokens} must be below max_model_len={self.max_model_len}")
         # An empty key would let "Authorization: Bearer " (or a client that sends no key by mistake)
@@ -129,7 +150,16 @@ class ServeSettings(Section):
         there is more than one engine replica to choose from."""
         if self.ingress != "auto":
             return self.ingress
-        return "colocated" if self.num_replicas == 1 else "separate"
+        return "colocated" if self.max_replicas() == 1 else "separate"
+
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
+    def deployment_config(self) -> dict[str, Any]:
+        """The engine deployment's replica settings, as Ray Serve takes them."""
+        if self.autoscaling is None:
+            return {"num_replicas": self.num_replicas}
+        return {"autoscaling_config": self.autoscaling.model_dump()}
 
     def home_path(self) -> Path:
         return Path(self.home).expanduser().resolve() if self.home else default_home()

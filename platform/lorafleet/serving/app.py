@@ -75,7 +75,7 @@ def llm_config_from(settings: ServeSettings):
         engine_kwargs=engine_kwargs,
         # dynamic_lora_loading_path stays unset: RegistryLoraLoader reads the registry instead.
         lora_config={"max_num_adapters_per_replica": settings.max_loras},
-        deployment_config={"num_replicas": settings.num_replicas},
+        deployment_config=settings.deployment_config(),
         experimental_configs={REGISTRY_ROOT_KEY: str(settings.registry_root())},
         log_engine_metrics=settings.engine_metrics and not colocated,
         runtime_env={"env_vars": env},
