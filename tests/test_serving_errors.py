@@ -128,6 +128,7 @@ MSG = [{"role": "user", "content": "hi"}]
 # and the caps of item 2. Raw bytes are sent as application/json.
 BAD: list[tuple[str, str, Any, Any]] = [
     ("POST", C, {"model": "tiny"}, 400),  # no prompt
+    ("POST", CHAT, {"model": "tiny", "messages": [{"author": {"role": "user"}, "content": []}]}, 400),  # harmony-shaped
     ("POST", C, {"model": "tiny", "prompt": ""}, 400),
     ("POST", C, {"model": "tiny", "prompt": "x", "logprobs": -1}, 422),
     ("POST", C, {"model": "tiny", "prompt": "x", "logprobs": "a"}, 400),

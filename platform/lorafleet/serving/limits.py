@@ -216,7 +216,7 @@ def check_openai_request(body: Any, limits: LimitSettings, max_logprobs: int = 2
 
     Raises:
         ServingError: 422 (a count over its cap, negative or too many logprobs, a lone surrogate),
-            413 (prompt or messages text over ``max_text_chars``).
+            413 (prompt or messages text over ``max_text_chars``), 400 (a chat message without a role).
     """
     _over("n", getattr(body, "n", None) or 1, limits.max_n, "limits.max_n")
     _over("best_of", getattr(body, "best_of", None) or 1, limits.max_n, "limits.max_n")
@@ -237,6 +237,13 @@ def check_openai_request(body: Any, limits: LimitSettings, max_logprobs: int = 2
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= max_logprobs:
             raise ServingError(422, f"{name} must be between 0 and {max_logprobs} (the engine's max_logprobs); "
                                f"got {clip(value)}", param=name)
+    for i, message in enumerate(getattr(body, "messages", None) or []):
+        # The request model also admits openai_harmony's Message (an `author`, a content list), which
+        # vLLM's chat renderer then indexes as a dict (message["role"]): a TypeError, a 500 (found by
+        # Schemathesis). Every chat message must be an object with a role.
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ServingError(400, f"messages[{i}] must be an object with a string 'role' (system, user, "
+                               "assistant, ...) and its 'content'", param=f"messages[{i}]")
     text = prompt if prompt is not None else getattr(body, "messages", None)
     chars = _text_chars(text)
     if chars > limits.max_text_chars:
