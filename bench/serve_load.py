@@ -122,7 +122,8 @@ async def _load(url: str, clients: int, seconds: float, tokens: int) -> dict:
     return {"samples": samples, "failures": failures, "wall_s": wall}
 
 
-def _pct(xs: list[float], q: float) -> float:
+def _pct(xs: list[float], q: int) -> float:
+    """The q-th percentile (1-99) of xs."""
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
 
 

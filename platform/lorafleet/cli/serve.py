@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -115,8 +116,9 @@ def app_status(name: str) -> str:
     return "MISSING" if app is None else getattr(app.status, "value", str(app.status))
 
 
-def watch_app(status: Any, *, every_s: float = WATCH_EVERY_S, grace_s: float = UNHEALTHY_GRACE_S,
-              stopped: Any = lambda: False, clock: Any = time.monotonic) -> str | None:
+def watch_app(status: Callable[[], str], *, every_s: float = WATCH_EVERY_S, grace_s: float = UNHEALTHY_GRACE_S,
+              stopped: Callable[[], bool] = lambda: False,
+              clock: Callable[[], float] = time.monotonic) -> str | None:
     """Poll ``status()`` until ``stopped()`` (None: a clean stop) or the application is beyond saving:
     returns why. Beyond saving: its deployment failed, it is gone, Serve cannot be asked (its
     controller or the Ray it runs on died), or it stayed DEPLOYING/UNHEALTHY for ``grace_s``."""
