@@ -1,4 +1,5 @@
-"""Shared fixtures only: one lorafleet home with the tiny base model, one local Ray per test session.
+"""Shared fixtures (one lorafleet home with the tiny base model, one local Ray per test session, that
+is per pytest worker) and how `make test` splits the suite over two workers.
 
 Plain helpers (run_cli, cli_env, free_port, stop_tree, ...) live in helpers.py: import them from
 there, never from this file. The tiny base model is built once by `make test` (into
@@ -16,6 +17,42 @@ from helpers import built_base, cli_env, last_json, run_cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# `make test` runs the suite on two pytest workers (pytest-xdist, `-n 2 --dist loadscope`): the slow
+# tests leave a core idle about a third of the time (Ray and vLLM start-up, polls, HTTP round trips; 68%
+# busy on average over the training modules, sampled from /proc/stat). Each group below runs whole on
+# one worker, in collection order:
+# * a module is a group, so its module-scoped fixtures (a served stack, a trained ladder) start once;
+# * the modules that share the session's `trained` adapters, and everything that runs `lorafleet
+#   serve`, are one group, "serving": the adapters train once, and one Ray Serve runs at a time (two
+#   at once crash: "HAProxy crashed during startup", its state is machine-wide under /tmp). It is the
+#   longest group, so it is queued first.
+# (xdist's own `xdist_group` marks do nothing under pytest 9: xdist 3.8 renames `item._nodeid`, which
+# pytest 9 no longer has. Hence a scheduler whose scope is the group.)
+SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_smollm2"}
+
+
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "serving" if Path(module).stem in SERVING_GROUP else module
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (a dev dependency): ignored without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None  # xdist's own scheduler for any other mode
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _group(item.nodeid) != "serving")  # stable: the order within a group stays
 
 
 @pytest.fixture(scope="session")
