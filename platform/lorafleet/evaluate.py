@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -132,16 +132,22 @@ def _label_scores(model: nn.Module, tokenizer, prompts: list[list[int]], label_i
 
 
 @torch.no_grad()
-def head_predict(model: HeadClassifier, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
-    """Class probabilities from a classification head on a frozen model."""
+def _per_batch(model: nn.Module, pad_id: int, prompts: list[list[int]], batch_size: int,
+               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(ids, mask)`` on right-padded batches of ``prompts`` on the model's device, as fp32 on the CPU."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        ids, mask = _right_pad(batch, tokenizer.pad_token_id)
-        out.append(torch.softmax(model(ids.to(device), mask.to(device)).float(), -1).cpu())
+        ids, mask = _right_pad(prompts[start : start + batch_size], pad_id)
+        out.append(fn(ids.to(device), mask.to(device)).float().cpu())
     return torch.cat(out)
+
+
+def head_predict(model: HeadClassifier, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    """Class probabilities from a classification head on a frozen model."""
+    return _per_batch(model, tokenizer.pad_token_id, prompts, batch_size,
+                      lambda ids, mask: torch.softmax(model(ids, mask).float(), -1))
 
 
 def predict(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, Any]], labels: list[str] | None = None) -> list[str]:
@@ -184,18 +190,11 @@ def evaluate_rows(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, 
     return task.score(predict(model, tokenizer, task, rows, labels), rows)
 
 
-@torch.no_grad()
 def last_token_features(model: nn.Module, tokenizer, prompts: list[list[int]], batch_size: int = 32) -> torch.Tensor:
     """Frozen-model sentence features: the last token's final hidden state, fp32, on the CPU
     (the feature-based baseline). Computed on the model's device."""
-    model.eval()
-    device = next(model.parameters()).device
-    feats = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        ids, mask = _right_pad(batch, tokenizer.pad_token_id)
-        feats.append(last_token_hidden(model, ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(feats)
+    return _per_batch(model, tokenizer.pad_token_id, prompts, batch_size,
+                      lambda ids, mask: last_token_hidden(model, ids, mask))
 
 
 def run_device(use_gpu: bool) -> torch.device:

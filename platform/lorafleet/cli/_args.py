@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_overrides"]
+__all__ = ["add_output", "add_overrides"]
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """`--set KEY=VALUE` (repeatable): a dotted override of the command's YAML config."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_output(parser: argparse.ArgumentParser, json_help: str, quiet_help: str | None = None) -> None:
+    """`--json` (a machine-readable result on stdout) and, with ``quiet_help``, `--quiet` (no live progress)."""
+    parser.add_argument("--json", action="store_true", help=json_help)
+    if quiet_help:
+        parser.add_argument("--quiet", action="store_true", help=quiet_help)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafleet.cli._args import add_overrides
+from lorafleet.cli._args import add_output, add_overrides
 
 __all__ = ["add_parser", "cmd_compare", "cmd_prompts"]
 
@@ -97,8 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="compare YAML (see configs/tiny/compare-*.yaml)")
     add_overrides(p, "dotted override of the compare config, e.g. base.train.max_steps=60 or rungs=[lora,full]")
     p.add_argument("--out", help="the ladder's folder (default: <output_dir>/<name>-<timestamp>)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (progress goes to stderr)")
-    p.add_argument("--quiet", action="store_true", help="no live training progress")
+    add_output(p, "print the rows as JSON on stdout (progress goes to stderr)", "no live training progress")
     p.add_argument("--dry-run", action="store_true", help="validate the config and list the rungs; run nothing")
     p.set_defaults(fn=cmd_compare)
 
@@ -114,5 +113,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--limit", type=int, help="score only the first N rows")
     p.add_argument("--seed", type=int, default=0, help="picks the in-context examples")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_output(p, "print the results as JSON")
     p.set_defaults(fn=cmd_prompts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorafleet.cli._args import add_overrides
+from lorafleet.cli._args import add_output, add_overrides
 
 __all__ = ["add_parser", "cmd_sweep"]
 
@@ -33,5 +33,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="sweep folder name (default: <sweep name>-<UTC time>, always new)")
     p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not re-run")
     p.add_argument("--promote", action="store_true", help="make the registered winner live")
-    p.add_argument("--json", action="store_true", help="also print the summary (winner, registered ref) as one JSON line")
+    add_output(p, "also print the summary (winner, registered ref) as one JSON line")
     p.set_defaults(fn=cmd_sweep)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafleet.cli._args import add_overrides
+from lorafleet.cli._args import add_output, add_overrides
 
 __all__ = ["add_parser", "cmd_base_build", "cmd_base_import_gguf", "cmd_train", "cmd_eval"]
 
@@ -94,8 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", nargs="?", help="YAML config (see configs/)")
     add_overrides(train, "dotted override, e.g. train.lr=3e-4")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
-    train.add_argument("--json", action="store_true", help="print the summary as JSON")
-    train.add_argument("--quiet", action="store_true", help="no live progress display")
+    add_output(train, "print the summary as JSON", "no live progress display")
     train.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a registered artifact (or the bare base model) on a split")
@@ -105,5 +104,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--limit", type=int, help="score only the first N rows")
     ev.add_argument("--out", help="also write the metrics JSON here")
-    ev.add_argument("--json", action="store_true", help="one-line JSON")
+    add_output(ev, "one-line JSON")
     ev.set_defaults(fn=cmd_eval)

@@ -22,6 +22,7 @@ __all__ = [
     "normalize_text",
     "squad_normalize",
     "token_f1",
+    "exact_match_and_f1",
     "check_lengths",
     "draw_rows",
     "split_bucket",
@@ -191,6 +192,15 @@ def token_f1(prediction_tokens: list[str], gold_tokens: list[str]) -> float:
     precision = common / len(prediction_tokens)
     recall = common / len(gold_tokens)
     return 2 * precision * recall / (precision + recall)
+
+
+def exact_match_and_f1(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Mean exact match and whitespace-token F1 over normalised (prediction, gold) pairs."""
+    if not pairs:
+        return {"exact_match": 0.0, "token_f1": 0.0}
+    em = sum(float(pred == gold) for pred, gold in pairs)
+    f1 = sum(token_f1(pred.split(), gold.split()) for pred, gold in pairs)
+    return {"exact_match": em / len(pairs), "token_f1": f1 / len(pairs)}
 
 
 def check_lengths(predictions: list[str], rows: list[dict[str, Any]]) -> None:

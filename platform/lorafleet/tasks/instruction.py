@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from lorafleet.tasks.base import Task, check_lengths, normalize_text, token_f1
+from lorafleet.tasks.base import Task, check_lengths, exact_match_and_f1, normalize_text
 
 __all__ = ["InstructionTask", "TASK"]
 
@@ -123,15 +123,8 @@ class InstructionTask(Task):
     def score(self, predictions: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
         """Mean exact match and whitespace-token F1 (trailing period ignored)."""
         check_lengths(predictions, rows)
-        if not rows:
-            return {"exact_match": 0.0, "token_f1": 0.0}
-        em = f1 = 0.0
-        for prediction, row in zip(predictions, rows):
-            pred = normalize_text(prediction).rstrip(".")
-            gold = self.target(row).rstrip(".")
-            em += float(pred == gold)
-            f1 += token_f1(pred.split(), gold.split())
-        return {"exact_match": em / len(rows), "token_f1": f1 / len(rows)}
+        return exact_match_and_f1([(normalize_text(prediction).rstrip("."), self.target(row).rstrip("."))
+                                   for prediction, row in zip(predictions, rows)])
 
     def make_row(self, rng: random.Random) -> dict[str, Any]:
         """One request from a random small algorithmic family."""

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.tasks.base import Task, check_lengths, normalize_text, squad_normalize, token_f1
+from lorafleet.tasks.base import Task, check_lengths, exact_match_and_f1, normalize_text, squad_normalize
 
 __all__ = ["QATask", "TASK"]
 
@@ -61,14 +61,8 @@ class QATask(Task):
     def score(self, predictions: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
         """Mean exact match and token F1 after SQuAD normalisation."""
         check_lengths(predictions, rows)
-        if not rows:
-            return {"exact_match": 0.0, "token_f1": 0.0}
-        em = f1 = 0.0
-        for prediction, row in zip(predictions, rows):
-            pred, gold = squad_normalize(prediction), squad_normalize(self.target(row))
-            em += float(pred == gold)
-            f1 += token_f1(pred.split(), gold.split())
-        return {"exact_match": em / len(rows), "token_f1": f1 / len(rows)}
+        return exact_match_and_f1([(squad_normalize(prediction), squad_normalize(self.target(row)))
+                                   for prediction, row in zip(predictions, rows)])
 
     def make_row(self, rng: random.Random) -> dict[str, Any]:
         """A passage of 3-4 shuffled facts and a question about one of them."""
