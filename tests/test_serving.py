@@ -46,11 +46,12 @@ TEXTS = [
 ]
 
 
-def _write_serve_config(serve_home: Path, port: int, ingress: str) -> Path:
+def _write_serve_config(serve_home: Path, port: int, ingress: str, **settings) -> Path:
     return write_serve_config(
-        serve_home / "serve.yaml", port, model_id="tiny", base_model="${home}/models/tiny",
-        tasks={"classification": "tickets-lora", "summarization": "notes-lora"},
-        max_loras=4, max_tokens=64, api_keys=[API_KEY], ingress=ingress)
+        serve_home / "serve.yaml", port, **{
+            "model_id": "tiny", "base_model": "${home}/models/tiny",
+            "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
+            "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY], "ingress": ingress, **settings})
 
 
 def _wait_ready(proc: subprocess.Popen, log: Path, port: int, started: float) -> list:
@@ -72,9 +73,11 @@ def _wait_ready(proc: subprocess.Popen, log: Path, port: int, started: float) ->
     return health
 
 
-def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_model: Path) -> Iterator[dict]:
+def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_model: Path,
+                  **settings) -> Iterator[dict]:
     """Registry with two trained adapters (two tasks), `lorafleet serve` running it in ``ingress``
-    mode, and the tokenizer; the body of each serving module's `stack` fixture."""
+    mode (plus any serve ``settings``), and the tokenizer; the body of each serving module's `stack`
+    fixture."""
     from lorafleet.base_model import load_tokenizer
     from lorafleet.data import prompt_ids
     from lorafleet.registry import Registry
@@ -94,7 +97,7 @@ def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_mode
 
     # Started the way users start it: `lorafleet serve CONFIG` (its own local Ray), in a subprocess.
     port = free_port()
-    config = _write_serve_config(serve_home, port, ingress)
+    config = _write_serve_config(serve_home, port, ingress, **settings)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = serve_home / "serve.log"
     log = log_path.open("w")
