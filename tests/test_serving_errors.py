@@ -38,6 +38,10 @@ class FakeEngine:
         self.calls += 1
         if self.mode == "boom":
             raise RuntimeError("engine exploded")
+        if self.mode == "gone":  # what a deployment handle raises when the replica dies mid-request
+            from ray.exceptions import ActorDiedError
+
+            raise ActorDiedError()
         if self.mode == "slow":
             try:
                 await asyncio.sleep(30)
@@ -49,6 +53,10 @@ class FakeEngine:
 
     async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
         self.calls += 1
+        if self.mode == "gone":
+            from ray.exceptions import ActorDiedError
+
+            raise ActorDiedError()
         if self.mode == "slow":
             await asyncio.sleep(30)
         return SimpleNamespace(choices=[SimpleNamespace(index=0, text=" a note")])
@@ -201,6 +209,26 @@ def test_last_resort_is_a_logged_500_json(registry, caplog):
     err = _is_error(r, 500)
     assert err["type"] == "internal_error" and "exploded" not in r.text  # internals stay in the log
     assert any("unhandled error" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_an_engine_replica_that_dies_mid_request_is_a_503_with_retry_after(registry, caplog):
+    """Ray raises ActorDiedError for a request whose engine replica died: nothing is wrong with the
+    request and Serve replaces the replica, so the client hears 503 + Retry-After (an OpenAI route and
+    a task route), not the last-resort 500."""
+    app, engine = make_app(registry)
+    engine.mode = "gone"
+
+    async def go():
+        async with client(app) as c:
+            return (await c.post(C, json={"model": "tiny", "prompt": "hi"}),
+                    await c.post("/v1/summarize", json={"text": "a meeting about the budget"}))
+
+    with caplog.at_level(logging.ERROR, logger="lorafleet.serving"):
+        answers = asyncio.run(go())
+    for r in answers:
+        err = _is_error(r, 503)
+        assert err["type"] == "engine_unavailable_error" and r.headers["retry-after"] == "5", r.text
+    assert not any("unhandled error" in rec.getMessage() for rec in caplog.records)
 
 
 def test_body_limit_before_parsing_by_length_and_by_bytes_read(registry):

@@ -156,3 +156,4 @@ def _post(stack, i: int, max_tokens: int) -> tuple[int, str]:
                                             "prompt": stack["prompts"][i % 4], "max_tokens": max_tokens,
                                             "temperature": 0})
     return r.status_code, r.text[:200]
+

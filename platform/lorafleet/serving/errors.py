@@ -2,7 +2,8 @@
 
 Every error a client sees is ``{"error": {"message", "type", "code", "param"?, "available"?,
 "fields"?}}`` (OpenAI's error object, plus the valid options where there are any; vLLM's
-``ErrorResponse``): our :class:`ServingError`, FastAPI's request validation (422 with every field
+``ErrorResponse``): our :class:`ServingError`, an engine replica that died mid-request (Ray's
+``RayActorError``: 503), FastAPI's request validation (422 with every field
 error, where Ray's handler answers 400 with the first one only), Ray Serve LLM's
 ``OpenAIHTTPException``, Starlette's ``HTTPException`` (unknown routes: 404 listing the routes,
 wrong methods: 405 with ``Allow``), vLLM's request validation (``VLLMClientError``, raised while
@@ -44,6 +45,7 @@ OPEN_PATHS = ("/healthz",)  # answered without an API key (load balancers' probe
 ECHO_CHARS = 100  # user input quoted in an error message is cut to this many characters
 MESSAGE_CHARS = 2000  # and a whole message (an engine's, say) to this many
 MAX_FIELDS = 20  # field errors listed in a 422
+ENGINE_RETRY_AFTER_S = 5  # a 503 for a dead engine replica: Serve restarts one in tens of seconds
 T = TypeVar("T")
 
 
@@ -91,6 +93,7 @@ OPENAPI_ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body over max_body_bytes, text over max_text_chars or over the token limit",
         422: "invalid request (field errors), or an adapter the engine cannot load",
         429: "too many requests in flight on this replica (Retry-After)", 500: "internal error (logged)",
+        503: "the engine replica serving the request stopped before it answered (Retry-After)",
         504: "no answer within request_timeout_s",
     }.items()
 }
@@ -127,6 +130,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every error the routes raise as an :class:`ErrorResponse` with its status."""
     from vllm.exceptions import VLLMClientError
 
+    from ray.exceptions import RayActorError
+
     from lorafleet.serving._ray_llm import OpenAIHTTPException
 
     @app.exception_handler(RequestValidationError)
@@ -155,6 +160,14 @@ def install_error_handlers(app: FastAPI) -> None:
         # The registry's state (a corrupt aliases.json, say) stops this request; the message says the fix.
         body = ErrorBody(message=clip(str(exc), 500), type="registry_error", code=409)
         return error_response(409, body)
+
+    @app.exception_handler(RayActorError)
+    async def _engine_gone(request: Request, exc: RayActorError) -> JSONResponse:
+        # The engine replica died (or stopped answering) with this request on it. Nothing is wrong with
+        # the request and Ray Serve replaces the replica: 503 and Retry-After, not a 500.
+        body = ErrorBody(message="the engine replica serving this request stopped before it answered; "
+                                 "Ray Serve is replacing it: retry", type="engine_unavailable_error", code=503)
+        return error_response(503, body, headers={"Retry-After": str(ENGINE_RETRY_AFTER_S)})
 
     @app.exception_handler(OpenAIHTTPException)
     async def _openai(request: Request, exc: OpenAIHTTPException) -> JSONResponse:
