@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #   serve`, are one group, "serving": the adapters train once, and one Ray Serve runs at a time (two
 #   at once crash: "HAProxy crashed during startup", its state is machine-wide under /tmp). It is the
 #   longest group, so it is queued first.
-# (xdist's own `xdist_group` marks do nothing under pytest 9: xdist 3.8 renames `item._nodeid`, which
+# (xdist's own `xdist_group` marks do nothing under pytest 9: xdist 3.8 sets `item._nodeid`, which
 # pytest 9 no longer has. Hence a scheduler whose scope is the group.)
 SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_serving_replicas", "test_smollm2"}
 
