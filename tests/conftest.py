@@ -30,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #   longest group, so it is queued first.
 # (xdist's own `xdist_group` marks do nothing under pytest 9: xdist 3.8 sets `item._nodeid`, which
 # pytest 9 no longer has. Hence a scheduler whose scope is the group.)
-SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_serving_replicas", "test_smollm2"}
+SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_serving_replicas", "test_serving_s3",
+                 "test_smollm2"}
 
 
 def _group(nodeid: str) -> str:

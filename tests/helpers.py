@@ -6,6 +6,7 @@ pytest puts tests/ on sys.path, see pyproject's `pythonpath`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,14 +14,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import psutil
 
 __all__ = [
     "LORAFLEET", "REPO", "VENV_BIN", "built_base", "cli_env", "free_port", "kill_all", "last_json",
-    "processes_mentioning", "run_cli", "stop_tree",
+    "moto_s3", "processes_mentioning", "run_cli", "stop_tree",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +140,33 @@ def stop_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL, *, wait: float 
         proc.wait(timeout=30)
     _, alive = psutil.wait_procs(family, timeout=reap)
     kill_all(alive)
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    """A real S3 API on loopback: moto's server (a dev dependency) in its own process. Yields the
+    AWS_* variables that point boto3, pyarrow (and so Ray Train) at it, with dummy credentials;
+    this process's environment has them while the block runs (restored after)."""
+    port = free_port()
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "lorafleet-test",
+           "AWS_SECRET_ACCESS_KEY": "lorafleet-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = {k: os.environ.get(k) for k in aws}
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, "moto_server exited at start"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.time() < deadline, "moto_server not listening within 60 s"
+            time.sleep(0.2)
+        os.environ.update(aws)
+        yield aws
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stop_tree(proc, signal.SIGTERM, wait=10)

@@ -183,7 +183,6 @@ def test_removed_version_maps_to_404_and_tampering_stays_409() -> None:
 
 def test_replica_copy_of_a_removed_version_is_not_found(tmp_path: Path, monkeypatch) -> None:
     from lorafleet.registry import LocalStorage
-    from lorafleet.serving import copies
     from lorafleet.serving.adapters import copy_verified
 
     reg = Registry(tmp_path / "reg")
@@ -204,7 +203,7 @@ def test_replica_copy_of_a_removed_version_is_not_found(tmp_path: Path, monkeypa
         reg.remove("m", "1", force=True)
         original(self, key, dst)
 
-    monkeypatch.setattr(copies.LocalStorage, "copy_out", copy_then_lose)
+    monkeypatch.setattr(LocalStorage, "copy_out", copy_then_lose)
     with pytest.raises(ArtifactNotFoundError):
         copy_verified(entry, tmp_path / "cache2")
     assert list((tmp_path / "cache2").iterdir()) == []

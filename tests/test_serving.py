@@ -76,8 +76,8 @@ def _wait_ready(proc: subprocess.Popen, log: Path, port: int, started: float) ->
 def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_model: Path,
                   **settings) -> Iterator[dict]:
     """Registry with two trained adapters (two tasks), `lorafleet serve` running it in ``ingress``
-    mode (plus any serve ``settings``), and the tokenizer; the body of each serving module's `stack`
-    fixture."""
+    mode (plus any serve ``settings``; ``registry="s3://..."`` serves from an object store), and the
+    tokenizer; the body of each serving module's `stack` fixture."""
     from lorafleet.base_model import load_tokenizer
     from lorafleet.data import prompt_ids
     from lorafleet.registry import Registry
@@ -90,7 +90,7 @@ def serving_stack(ingress: str, tmp_path_factory, trained, home: Path, base_mode
     serve_home = tmp_path_factory.mktemp("serve-home")
     base = serve_home / "models" / "tiny"
     shutil.copytree(base_model, base)  # the base the adapters were trained on, in the served home
-    reg = Registry(serve_home / "registry")
+    reg = Registry(settings.get("registry") or serve_home / "registry")
     work = tmp_path_factory.mktemp("adapters")
     a = reg.register("tickets-lora", *served["tickets-lora"])
     b = reg.register("notes-lora", *served["notes-lora"])

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from lorafleet.config import FinetuneConfig
+from lorafleet.config import FinetuneConfig, registry_root
 from lorafleet.config.compare import (
     CLASSIFICATION_ONLY,
     PROMPT_RUNGS,
@@ -169,7 +169,7 @@ def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Pat
     cfg = cfg.model_copy(deep=True)
     cfg.run.storage_path = str(out_dir / "runs")
     cfg.run.name = None  # unique run names: reusing one would silently resume an old run
-    s = finetune(cfg, registry_root=ladder.home / "registry", progress=progress)
+    s = finetune(cfg, registry_root=registry_root(ladder.home), progress=progress)
     artifact = Path(s.artifact_dir)  # inside the rung's run folder, under the ladder's folder
     task = get_task(cfg.task.name)
     devices = _devices(cfg, rung)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from lorafleet.tasks import Task, render_prompt
 from lorafleet.tasks.base import render_chat
+from lorafleet.uri import download, is_uri
 
 __all__ = ["DataError", "Example", "read_split", "prompt_ids", "target_ids", "chat_ids", "encode_rows", "IGNORE_INDEX"]
 
@@ -30,8 +32,11 @@ class Example:
     where: str  # "data/train.jsonl:17", "synthetic:train:3", "hf:imdb:train row 5"
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _iter_file(path: Path, shown: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a local file, each with "<shown>:<line>" (``shown``: the name to report, e.g. the
+    s3:// URI a downloaded file came from; default the path)."""
     suffix = path.suffix.lower()
+    name = shown or str(path)
     if suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -40,10 +45,10 @@ def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                    raise DataError(f"{name}:{lineno}: not valid JSON ({err.msg})") from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield f"{path}:{lineno}", obj
+                    raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield f"{name}:{lineno}", obj
     elif suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -51,15 +56,15 @@ def _iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 # line numbers count the header; a row with extra cells has a None key
                 lineno = reader.line_num
                 if None in obj:
-                    raise DataError(f"{path}:{lineno}: more cells than the header has columns")
-                yield f"{path}:{lineno}", obj
+                    raise DataError(f"{name}:{lineno}: more cells than the header has columns")
+                yield f"{name}:{lineno}", obj
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         for i, obj in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i + 1}", obj
+            yield f"{name}:row {i + 1}", obj
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+        raise DataError(f"{name}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
 
 
 def _iter_hub(spec: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -88,7 +93,8 @@ def read_split(
     """Read and validate one split. Raises DataError naming the first bad row's file and line.
 
     Args:
-        source: 'synthetic', a local .jsonl/.csv/.parquet path, or 'hf:<dataset_id>[:<split>]'.
+        source: 'synthetic', a local or s3:// / gs:// .jsonl/.csv/.parquet file (an object is
+            downloaded first; errors name its URI and line), or 'hf:<dataset_id>[:<split>]'.
         task: the task whose fields the rows must carry.
         split: 'train', 'validation' or 'test' (picks the synthetic generator's split).
         fields: task field -> column name mapping for user data.
@@ -100,6 +106,15 @@ def read_split(
         )
     elif source.startswith("hf:"):
         items = _iter_hub(source, split)
+    elif is_uri(source):
+        try:
+            local = download(source)
+        except FileNotFoundError:
+            raise DataError(f"{split} data file not found: {source}") from None
+        try:
+            items = iter(list(_iter_file(local, shown=source)))
+        finally:
+            shutil.rmtree(local.parent, ignore_errors=True)
     else:
         path = Path(source)
         if not path.is_file():

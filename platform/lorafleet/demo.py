@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 
-from lorafleet.config import load_config
+from lorafleet.config import load_config, registry_root
 from lorafleet.data import read_split
 from lorafleet.evaluate import evaluate_artifact
 from lorafleet.finetune import finetune, init_ray
@@ -52,7 +52,7 @@ def train_and_compare(path: str, overrides: list[str], home: Path) -> dict[str, 
     console.rule(f"{cfg.task.name}: {path}")
     base = evaluate_artifact("base", config=path, overrides=overrides, home=home)["metrics"]
     console.print(f"untuned base model: test {metric} = {base[metric]:.4f}")
-    summary = finetune(cfg, registry_root=home / "registry", progress=True)
+    summary = finetune(cfg, registry_root=registry_root(home), progress=True)
     return {
         "task": cfg.task.name, "config": path, "metric": metric,
         "base": base[metric], "adapter": summary.test_metrics[metric], "registered": summary.registered,

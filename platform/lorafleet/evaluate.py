@@ -254,7 +254,7 @@ def evaluate_artifact(
     config: str | None = None,
     overrides: list[str] | None = None,
     split: str = "test",
-    home: Path | None = None,
+    home: Path | str | None = None,
     limit: int | None = None,
     out: str | None = None,
 ) -> dict[str, Any]:
@@ -262,21 +262,21 @@ def evaluate_artifact(
 
     The artifact's own resolved config supplies base model, task and data unless `config` is given.
     """
-    from lorafleet.config import FinetuneConfig, apply_overrides, default_home, load_config, parse_config
+    from lorafleet.config import apply_overrides, home_location, load_config, parse_config, registry_root
     from lorafleet.data import read_split
     from lorafleet.registry import Registry
     from lorafleet.tasks import get_task
 
-    home = home or default_home()
+    home = home or home_location()  # a folder, or s3://... (its registry is then there)
     artifact: Path | None = None
     if ref == "base":
         if not config:
             raise ValueError("evaluating 'base' needs --config (for the base model, task and data)")
         cfg = load_config(config, overrides, home)
     else:
-        entry = Registry(home / "registry").resolve(ref)
-        Registry(home / "registry").verify(entry)  # never score a tampered or half-copied artifact
-        artifact = entry.path
+        registry = Registry(registry_root(home))
+        entry = registry.resolve(ref)
+        artifact = registry.local_path(entry)  # checked: never score a tampered or half-copied artifact
         cfg = load_config(config, overrides, home) if config else parse_config(
             apply_overrides(entry.metadata["config"], overrides or []), f"{entry.ref} metadata", home
         )

@@ -36,6 +36,7 @@ from lorafleet.run import (
 )
 from lorafleet.tasks import get_task
 from lorafleet.train import MODEL_DIR, build_dataset, build_trainer
+from lorafleet.uri import write_text
 
 __all__ = ["RunSummary", "finetune", "init_ray", "load_splits", "run_dir_config", "CONFIG_FILE", "ARTIFACT_DIR"]
 
@@ -84,7 +85,7 @@ def finetune(
 
     final = result.metrics or {}
     summary = RunSummary(
-        run_name=place.name, run_dir=str(place.dir or f"{place.storage}/{place.name}"), method=cfg.method.name,
+        run_name=place.name, run_dir=str(place.location), method=cfg.method.name,
         task=task.name, test_metrics=test_metrics, trainable_params=int(final.get("trainable_params", 0)),
         total_params=int(final.get("total_params", 0)), wall_time_s=round(time.time() - started, 2),
         steps=int(final.get("step", 0)), artifact_dir=str(model_dir),
@@ -96,8 +97,7 @@ def finetune(
     # 6. Register (atomically) only a run that finished; a failed run raised above.
     if cfg.register_artifact and task.name != "text":
         summary.registered = register_artifact(registry_root, cfg.name, model_dir, run_metadata(cfg, summary, labels))
-    if place.dir is not None:
-        (place.dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+    write_text(place.file("summary.json"), json.dumps(summary.as_dict(), indent=2))
     return summary
 
 
@@ -123,7 +123,7 @@ def _fit(cfg: FinetuneConfig, data: dict[str, Any], tokenizer, place: RunPlace, 
         val_rows=[ex.row for ex in data["examples"]["validation"]],
         labels=labels,
         progress_queue=queue,
-        log_path=str(place.dir / "train_log.jsonl") if place.dir else None,
+        log_path=place.file("train_log.jsonl"),
     )
     try:
         result = trainer.fit()
@@ -240,7 +240,7 @@ def _feature_baseline(cfg: FinetuneConfig, data: dict[str, Any], labels: list[st
     metrics, trainable, total, files, measured = ray.get(
         fit.remote(cfg.model_dump(mode="json"), train_rows, test_rows, labels)
     )
-    run_dir = str(place.dir or place.storage)
+    run_dir = str(place.location)
     root = place.dir if place.dir is not None else Path(tempfile.mkdtemp(prefix="lorafleet-artifact-"))
     model_dir = root / ARTIFACT_DIR
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
 from lorafleet.config import FinetuneConfig, dump_config, read_yaml, validate
+from lorafleet.uri import exists, is_uri, join, parent_and_name, read_text, write_text
 
 __all__ = [
     "ARTIFACT_DIR",
@@ -127,11 +129,20 @@ class RunPlace:
     storage: str
     dir: Path | None
 
+    @property
+    def location(self) -> str | Path:
+        """The run folder: `dir`, or `<storage>/<name>` in an object store (where Ray Train writes too)."""
+        return self.dir if self.dir is not None else join(self.storage, self.name)
+
+    def file(self, name: str) -> str:
+        """Where the run's own file `name` goes (config, log, summary), beside Ray Train's checkpoints."""
+        return str(join(self.location, name))
+
     def save_config(self) -> None:
-        """Create the local run folder and save the resolved config in it (before training)."""
+        """Save the resolved config in the run folder before training: what `--resume` reads back."""
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / CONFIG_FILE).write_text(dump_config(self.cfg))
+        write_text(self.file(CONFIG_FILE), dump_config(self.cfg))
 
 
 def place_run(cfg: FinetuneConfig, resume_dir: str | Path | None = None) -> RunPlace:
@@ -140,25 +151,25 @@ def place_run(cfg: FinetuneConfig, resume_dir: str | Path | None = None) -> RunP
     restarted by Tune) may do."""
     cfg = resolve_labels(cfg)  # the run's config names its label set (user data without task.labels)
     if resume_dir is not None:
-        resume_dir = Path(resume_dir).resolve()
-        name, storage = resume_dir.name, str(resume_dir.parent)
+        storage, name = parent_and_name(resume_dir)
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage})})
     else:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         name = cfg.run.name or f"{cfg.name}-{stamp}"
         storage = cfg.run.storage_path
-    run_dir = Path(storage) / name if "://" not in storage else None
+    run_dir = Path(storage) / name if not is_uri(storage) else None
     if run_dir is not None and resume_dir is None and run_dir.exists():
         raise FileExistsError(f"run folder {run_dir} exists; use `lorafleet train --resume {run_dir}` to continue it")
     return RunPlace(cfg, name, storage, run_dir)
 
 
 def run_dir_config(run_dir: str | Path) -> FinetuneConfig:
-    """The resolved config saved in a run folder (for --resume)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
+    """The resolved config saved in a run folder, local or s3://... (for --resume)."""
+    path = join(run_dir, CONFIG_FILE)
+    if not exists(path):
         raise FileNotFoundError(f"{path} not found: is {run_dir} a lorafleet run folder (…/runs/<run-name>)?")
-    return validate(FinetuneConfig, read_yaml(path, "run config"), str(path))
+    raw = yaml.safe_load(read_text(path)) if is_uri(path) else read_yaml(path, "run config")
+    return validate(FinetuneConfig, raw, str(path))
 
 
 # --- data ---------------------------------------------------------------------------------------------

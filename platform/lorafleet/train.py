@@ -31,6 +31,7 @@ from lorafleet.methods import count_params
 from lorafleet.precision import training_precision
 from lorafleet.steps import build_model, is_fsdp, optimizer_steps, wrap_model
 from lorafleet.tasks import get_task
+from lorafleet.uri import append_line
 
 # MODEL_DIR, STATE_FILE and save_artifact live in lorafleet.checkpoint; imported here for callers.
 __all__ = ["build_dataset", "build_trainer", "train_loop_per_worker", "MODEL_DIR", "STATE_FILE", "save_artifact"]
@@ -228,9 +229,8 @@ def _log(progress, log_path: str | None, metrics: dict[str, Any]) -> None:
             progress.put_nowait(record)
         except Exception:  # a full or gone queue only costs the live display, never the run
             pass
-    if log_path:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    if log_path:  # a run folder's file, or an object in the run's s3:// storage
+        append_line(log_path, json.dumps(record))
 
 
 def build_trainer(

@@ -16,10 +16,10 @@ __all__ = ["add_parser", "cmd_adapters"]
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from lorafleet.config import default_home
+    from lorafleet.config import registry_root
     from lorafleet.registry import Registry
 
-    reg = Registry(default_home() / "registry")
+    reg = Registry(registry_root())
     if args.action == "list":
         entries = reg.list(args.name)
         if args.json:

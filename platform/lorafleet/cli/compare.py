@@ -60,10 +60,10 @@ def _artifact(args: argparse.Namespace, home: Path) -> str | None:
         return args.artifact
     from lorafleet.registry import Registry
 
-    reg = Registry(home / "registry")
-    entry = reg.resolve(args.adapter)
-    reg.verify(entry)
-    return str(entry.path)
+    from lorafleet.config import registry_root
+
+    reg = Registry(registry_root(home))
+    return str(reg.local_path(reg.resolve(args.adapter)))  # checked against its sha256 sums
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:

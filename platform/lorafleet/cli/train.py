@@ -38,18 +38,18 @@ def cmd_base_import_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lorafleet.config import default_home, load_config
+    from lorafleet.config import home_location, load_config, registry_root
     from lorafleet.finetune import finetune, run_dir_config
     from lorafleet.report.runs import print_summary
 
-    home = default_home()
+    home = home_location()  # a folder, or s3://... (then registry/ and runs/ live there)
     if args.resume:
         cfg = run_dir_config(args.resume)
     elif args.config:
         cfg = load_config(args.config, args.set, home)
     else:
         raise SystemExit("lorafleet train: give a CONFIG file, or --resume RUN_DIR")
-    summary = finetune(cfg, registry_root=home / "registry", resume_dir=args.resume, progress=not args.quiet)
+    summary = finetune(cfg, registry_root=registry_root(home), resume_dir=args.resume, progress=not args.quiet)
     _shutdown_ray()  # flush worker logs now, so nothing prints after the summary
     if args.json:
         print(json.dumps(summary.as_dict()))
@@ -66,11 +66,11 @@ def _shutdown_ray() -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorafleet.config import default_home
+    from lorafleet.config import home_location
     from lorafleet.evaluate import evaluate_artifact
 
     metrics = evaluate_artifact(
-        args.artifact, config=args.config, overrides=args.set, split=args.split, home=default_home(),
+        args.artifact, config=args.config, overrides=args.set, split=args.split, home=home_location(),
         limit=args.limit, out=args.out,
     )
     print(json.dumps(metrics, indent=None if args.json else 2))

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lorafleet.uri import is_uri, join
+
 __all__ = [
     "ConfigError",
     "Section",
@@ -28,6 +30,8 @@ __all__ = [
     "apply_overrides",
     "parse_value",
     "default_home",
+    "home_location",
+    "registry_root",
     "set_home",
     "expand_home",
     "absolute_if_local",
@@ -36,6 +40,7 @@ __all__ = [
 ]
 
 HOME_ENV = "LORAFLEET_HOME"
+REGISTRY_ENV = "LORAFLEET_REGISTRY"  # the registry, when it is not <home>/registry (e.g. s3://bucket/registry)
 # A model validator that finds several cross-field problems raises them as ONE ValueError whose
 # message joins them with this separator; `format_errors` splits them back into one line each.
 _SEP = " || "
@@ -129,19 +134,51 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def default_home() -> Path:
-    """The lorafleet home: `$LORAFLEET_HOME`, else ./.lorafleet (absolute, so Ray workers agree)."""
-    return Path(os.environ.get(HOME_ENV, ".lorafleet")).resolve()
+    """The local lorafleet home: `$LORAFLEET_HOME`, else ./.lorafleet (absolute, so Ray workers agree).
+
+    Raises:
+        ConfigError: `$LORAFLEET_HOME` is an object-store URI (see `home_location`): what asked needs
+            local files (models, RAG collections, reports).
+    """
+    raw = os.environ.get(HOME_ENV, ".lorafleet")
+    if is_uri(raw):
+        raise ConfigError(HOME_ENV, [
+            f"the lorafleet home is {raw}, an object store; this command needs a local home folder "
+            f"(models/, rag/, reports): set {HOME_ENV} to a folder and {REGISTRY_ENV} to "
+            f"{raw.rstrip('/')}/registry"])
+    return Path(raw).resolve()
 
 
-def set_home(home: str | Path | None) -> Path:
+def home_location() -> str:
+    """The lorafleet home as configured: a local folder (absolute) or an object-store URI.
+
+    A home at `s3://bucket/prefix` holds what training and serving share (`registry/`, `runs/`);
+    `${home}` in a config expands to it, so local things (a model folder) must then be named
+    outright."""
+    raw = os.environ.get(HOME_ENV, ".lorafleet")
+    return raw.rstrip("/") if is_uri(raw) else str(Path(raw).resolve())
+
+
+def registry_root(home: str | Path | None = None) -> str | Path:
+    """The artifact registry: `$LORAFLEET_REGISTRY` if set, else `<home>/registry` (`home` defaults
+    to `home_location()`); a Path for a folder, a string for `s3://...`."""
+    if os.environ.get(REGISTRY_ENV):
+        override = os.environ[REGISTRY_ENV]
+        return override.rstrip("/") if is_uri(override) else Path(override).expanduser().resolve()
+    return join(home if home is not None else home_location(), "registry")
+
+
+def set_home(home: str | Path | None) -> Path | str:
     """Make `home` this process's lorafleet home (and its children's: Ray workers read the
-    environment variable); None keeps the current one. Returns the home in force."""
+    environment variable); None keeps the current one. Returns the home in force (a Path, or the
+    URI of an object-store home)."""
     if home:
-        os.environ[HOME_ENV] = str(Path(home).expanduser().resolve())
-    return default_home()
+        os.environ[HOME_ENV] = str(home).rstrip("/") if is_uri(home) else str(Path(home).expanduser().resolve())
+    location = home_location()
+    return location if is_uri(location) else Path(location)
 
 
-def expand_home(value: str, home: Path) -> str:
+def expand_home(value: str, home: Path | str) -> str:
     """Expand `${home}` in a config value."""
     return value.replace("${home}", str(home))
 

@@ -17,10 +17,13 @@ from lorafleet.config.base import (
     Section,
     default_home,
     expand_home,
+    home_location,
     problems_error,
     read_yaml,
+    registry_root,
     validate,
 )
+from lorafleet.uri import is_uri
 
 __all__ = [
     "ServeSettings",
@@ -88,6 +91,8 @@ class ServeSettings(Section):
     """Everything `build_app` needs. Paths may use ``${home}`` (the lorafleet home)."""
 
     home: str | None = Field(default=None, description="lorafleet home; default $LORAFLEET_HOME or ./.lorafleet.")
+    registry: str | None = Field(default=None, description="The adapter registry: a folder or s3://bucket/prefix; "
+                                 "default $LORAFLEET_REGISTRY, else <home>/registry.")
     model_id: str = Field(default="tiny", pattern=r"^[A-Za-z0-9._/-]+$",
                           description="Name clients use for the base model (no ':' or '@').")
     base_model: str = Field(default="${home}/models/tiny",
@@ -186,8 +191,11 @@ class ServeSettings(Section):
                                        f"cache entry for {self.base_model}); {hint}"])
         return base
 
-    def registry_root(self) -> Path:
-        return self.home_path() / "registry"
+    def registry_root(self) -> Path | str:
+        if self.registry:
+            value = expand_home(self.registry, self.home or home_location())
+            return value.rstrip("/") if is_uri(value) else Path(value).expanduser().resolve()
+        return registry_root(self.home) if self.home else registry_root()
 
     def rag_root(self) -> Path:
         return self.home_path() / "rag"

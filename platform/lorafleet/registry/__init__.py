@@ -1,7 +1,8 @@
 """The artifact registry: named, versioned training artifacts (``name``, ``name@3``, ``name@live``).
 
 ``Registry`` (registry.py) holds the logic and speaks only the ``Storage`` protocol
-(storage.py), whose ``LocalStorage`` is the one home of the registry's filesystem calls; the
+(storage.py), whose ``LocalStorage`` is the one home of the registry's filesystem calls
+(``S3Storage`` in s3.py: the same layout under ``s3://bucket/prefix``); the
 layout and ``Entry`` are in layout.py, name/version/alias/reference checks in refs.py.
 ``verify_folder`` / ``sha256_file`` are the one sha256 check, shared with serving's copies.
 Errors (errors.py): ``RegistryError``; ``ArtifactNotFoundError`` (unknown or removed name,
@@ -17,6 +18,8 @@ from lorafleet.registry.storage import (
     LocalStorage,
     Storage,
     checksums,
+    copy_verified,
+    open_storage,
     sha256_file,
     verify_folder,
 )
@@ -33,6 +36,8 @@ __all__ = [
     "RegistryError",
     "Storage",
     "checksums",
+    "copy_verified",
+    "open_storage",
     "parse_ref",
     "sha256_file",
     "validate_alias",

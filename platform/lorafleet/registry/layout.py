@@ -54,23 +54,38 @@ class Entry:
     Attributes:
         name: Artifact name, e.g. ``"sst2-lora"``.
         version: Version number as a string, e.g. ``"2"``.
-        path: The version folder; pass it to the loader (peft / vLLM) as is.
+        path: The version folder (pass it to a loader as is), or its URI in an object-store
+            registry (``Registry.local_path`` gives a checked local copy).
         metadata: Parsed ``lorafleet.json``.
         aliases: Aliases pointing at this version, sorted, e.g. ``("live",)``.
+        storage: The registry's storage, for reading the version's files (``read_json``).
     """
 
     name: str
     version: str
-    path: Path
+    path: Path | str
     # Excluded from hashing/equality: a dict is unhashable, and name + version + path
     # already identify the entry.
     metadata: dict[str, Any] = field(hash=False, compare=False, repr=False)
     aliases: tuple[str, ...] = ()
+    storage: Storage | None = field(default=None, hash=False, compare=False, repr=False)
 
     @property
     def ref(self) -> str:
         """The canonical reference ``"name@version"``."""
         return f"{self.name}@{self.version}"
+
+    @property
+    def key(self) -> str:
+        """The version folder's key in its storage."""
+        return f"{self.name}/{self.version}"
+
+    def read_json(self, rel: str) -> Any:
+        """Parse the version's JSON file ``rel`` (e.g. adapter_config.json) wherever it is stored;
+        FileNotFoundError if absent, ValueError if malformed."""
+        if self.storage is None:
+            return json.loads((Path(self.path) / rel).read_text(encoding="utf-8"))
+        return self.storage.read_json(f"{self.key}/{rel}")
 
 
 def name_key(storage: Storage, name: str) -> str:
@@ -135,7 +150,8 @@ def load_entry(storage: Storage, name: str, version: str, aliases: dict[str, str
         raise RegistryError(f"{storage.locate(meta_key)} must hold a JSON object; {fix}")
     tags = tuple(sorted(a for a, v in aliases.items() if v == version))
     return Entry(
-        name=name, version=version, path=storage.locate(key), metadata=metadata, aliases=tags
+        name=name, version=version, path=storage.locate(key), metadata=metadata, aliases=tags,
+        storage=storage,
     )
 
 

@@ -7,8 +7,8 @@ from here by name, possibly from another process while a writer registers or pro
 Readers never see a half-written version: it is staged under a hidden ``.tmp-<uuid>`` key and
 appears with one ``Storage.publish``, which refuses to replace a taken version, so concurrent
 writers get distinct numbers. Removal makes a version vanish at once, then deletes it.
-This module makes no filesystem call: ``storage.py`` (``LocalStorage``) does, so an
-object-store backend can replace it without touching this logic.
+This module makes no filesystem call: ``storage.py`` (``LocalStorage``) does, and ``s3.py``
+(``S3Storage``) is the object-store backend for an ``s3://bucket/prefix`` root.
 
 Example:
     >>> reg = Registry("./.lorafleet/registry")
@@ -44,7 +44,7 @@ from lorafleet.registry.refs import (
     validate_name,
     validate_selector,
 )
-from lorafleet.registry.storage import LocalStorage, Storage, checksums, local_folder
+from lorafleet.registry.storage import Storage, checksums, copy_verified, local_folder, open_storage
 
 __all__ = ["Registry"]
 
@@ -56,14 +56,15 @@ class Registry:
     """A versioned artifact store.
 
     Args:
-        root: Registry folder, e.g. ``<home>/registry``. Created on the first write, so
-            pointing a reader at a registry that does not exist yet is not an error.
-        storage: Where the files live; ``LocalStorage(root)`` by default.
+        root: Registry folder, e.g. ``<home>/registry``, or ``s3://bucket/prefix``. A folder is
+            created on the first write, so pointing a reader at a registry that does not exist yet
+            is not an error (a bucket must exist).
+        storage: Where the files live; by default ``open_storage(root)`` (storage.py).
     """
 
     def __init__(self, root: str | Path, storage: Storage | None = None) -> None:
-        self.root = Path(root).expanduser()
-        self.storage: Storage = storage if storage is not None else LocalStorage(self.root)
+        self.root: Path | str = str(root).rstrip("/") if "://" in str(root) else Path(root).expanduser()
+        self.storage: Storage = storage if storage is not None else open_storage(self.root)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -185,6 +186,17 @@ class Registry:
         except FileNotFoundError:
             raise ArtifactNotFoundError(f"{entry.ref} no longer exists in {self.root}") from None
         self.storage.verify_files(key, checksums(metadata, entry.ref), entry.ref)
+
+    def local_path(self, entry: Entry) -> Path:
+        """A local folder with ``entry``'s files, checked against their sha256 sums: the version
+        folder itself in a folder registry, a fresh private copy (a temporary folder) of an
+        object-store one. For loaders that need files (``lorafleet eval``, prompts, compare)."""
+        if isinstance(entry.path, Path):
+            self.verify(entry)
+            return entry.path
+        import tempfile
+
+        return copy_verified(entry, Path(tempfile.mkdtemp(prefix="lorafleet-artifact-")), entry.ref)
 
     # ----- writing ----------------------------------------------------------------------
 

@@ -26,10 +26,13 @@ import shutil
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
-from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.errors import ArtifactNotFoundError, RegistryError
 from lorafleet.registry.layout import METADATA_FILE, TMP_PREFIX
+
+if TYPE_CHECKING:
+    from lorafleet.registry.layout import Entry
 
 try:  # POSIX only; without it alias updates are merely atomic, not serialised.
     import fcntl
@@ -39,6 +42,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "LocalStorage",
     "Storage",
+    "copy_verified",
+    "open_storage",
     "checksums",
     "local_folder",
     "sha256_file",
@@ -53,8 +58,8 @@ _HASH_CHUNK = 1 << 20
 class Storage(Protocol):
     """What the registry needs from where it keeps its files (see the module docstring)."""
 
-    def locate(self, key: str) -> Path:
-        """Where ``key`` lives, for messages and for loaders (``Entry.path``)."""
+    def locate(self, key: str) -> Path | str:
+        """Where ``key`` lives, for messages and ``Entry.path``: a Path, or a URI for an object store."""
 
     def check_inside(self, key: str) -> None:
         """Raise RegistryError if ``key`` resolves outside the root (e.g. via a symlink)."""
@@ -218,6 +223,60 @@ class LocalStorage:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def open_storage(root: str | Path) -> Storage:
+    """The ``Storage`` for a registry root: ``S3Storage`` for ``s3://bucket/prefix``, else a folder."""
+    text = str(root)
+    if text.startswith("s3://"):
+        from lorafleet.registry.s3 import S3Storage
+
+        return S3Storage(text)
+    if "://" in text:
+        raise RegistryError(
+            f"registry root {text!r}: only s3:// object stores are supported (or an S3-compatible store "
+            "with conditional writes, such as MinIO, through AWS_ENDPOINT_URL), or a folder every node mounts"
+        )
+    return LocalStorage(root)
+
+
+def copy_verified(entry: Entry, cache_root: Path, dest_name: str | None = None, *,
+                  error: type[RegistryError] = RegistryError) -> Path:
+    """Copy a registry version into ``cache_root`` and check the copy against its sha256 sums.
+
+    What a loader then reads is what was checked, and a later change or removal in the registry
+    cannot reach it (serving's private adapter copies; ``Registry.local_path`` for an object store).
+
+    Args:
+        entry: The registry version (from a ``Registry``, so it knows its storage).
+        cache_root: The folder the copy goes under.
+        dest_name: The copy's folder name (an older copy there is replaced); default: a fresh name.
+        error: Raised when a file is missing, differs or is not listed.
+
+    Raises:
+        ArtifactNotFoundError: The version was removed from the registry before or while copying.
+    """
+    storage = entry.storage if entry.storage is not None else LocalStorage(Path(entry.path).parent.parent)
+    files = checksums(entry.metadata, entry.ref, error=error)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        try:
+            storage.copy_out(entry.key, tmp)
+        except OSError:  # shutil.Error is one too: a removal renames the version away mid-copy
+            if storage.is_file(f"{entry.key}/{METADATA_FILE}"):
+                raise
+            raise ArtifactNotFoundError(f"{entry.ref} was removed from the registry while being loaded; "
+                                        "request the adapter again for its current version") from None
+        verify_folder(tmp, files, entry.ref, error=error, private_copy=True)
+        final = cache_root / (dest_name or f"{entry.name}@{entry.version}-{uuid.uuid4().hex[:8]}")
+        if final.exists():
+            shutil.rmtree(final)  # an older copy of this id, inside the cache
+        tmp.rename(final)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def local_folder(src: str | Path) -> Path | None:

@@ -152,7 +152,7 @@ class AdapterCatalog:
                 422, f"{entry.ref} was trained for task {registered_task!r}, not {task!r}; use one of {same}",
                 param="adapter", available=same,
             )
-        rank = _adapter_rank(entry.path)
+        rank = _adapter_rank(entry)
         if rank is not None and rank > self.max_lora_rank:
             raise ServingError(
                 422, f"{entry.ref} has LoRA rank {rank}, above the server's max_lora_rank="
@@ -171,8 +171,8 @@ def is_lora(entry: Entry) -> bool:
     return (method in (None, "lora")) and ADAPTER_CONFIG in (entry.metadata.get("files") or {})
 
 
-def _adapter_rank(folder: Path) -> int | None:
-    rank = adapter_config(folder).get("r")
+def _adapter_rank(entry: Entry) -> int | None:
+    rank = adapter_config(entry).get("r")
     return int(rank) if isinstance(rank, int) else None
 
 
@@ -264,7 +264,7 @@ class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
         if config is None:
             task = self.active_syncing_tasks.get(lora_model_id)
             if task is None:
-                task = asyncio.create_task(asyncio.to_thread(self._load_sync, lora_model_id, Path(root)))
+                task = asyncio.create_task(asyncio.to_thread(self._load_sync, lora_model_id, root))
                 self.active_syncing_tasks[lora_model_id] = task
                 task.add_done_callback(lambda _: self.active_syncing_tasks.pop(lora_model_id, None))
             config = await asyncio.shield(task)
@@ -275,7 +275,7 @@ class RegistryLoraLoader(_LoraModelLoader):  # type: ignore[misc,valid-type]
         handed._on_release = lambda: copies.released(ref, token)
         return handed
 
-    def _load_sync(self, lora_model_id: str, registry_root: Path):
+    def _load_sync(self, lora_model_id: str, registry_root: str):
         from lorafleet.serving._ray_llm import global_id_manager
 
         name, version = _parse_exact(lora_model_id.partition(":")[2])

@@ -99,8 +99,9 @@ def build_app(args: dict[str, Any] | ServeSettings | str | Path | None = None):
         settings = args
     else:
         settings = load_settings(args or {})
-    # Replicas run elsewhere (other cwd, maybe other env): pin the home as an absolute path now.
-    settings = settings.model_copy(update={"home": str(settings.home_path())})
+    # Replicas run elsewhere (other cwd, maybe other env): pin the home and the registry now.
+    settings = settings.model_copy(update={"home": str(settings.home_path()),
+                                           "registry": str(settings.registry_root())})
     settings.require_base_model()
     llm_config = llm_config_from(settings)
     app = make_fastapi_app(settings.resolved_api_keys(), settings.limits)

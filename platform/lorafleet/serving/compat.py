@@ -16,9 +16,7 @@ This module imports nothing heavy, so ``lorafleet adapters promote`` can warn wi
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from lorafleet.registry import Entry
@@ -32,10 +30,11 @@ logger = logging.getLogger(__name__)
 _warned: set[str] = set()  # version folders already warned about (no fingerprint), so logs do not flood
 
 
-def adapter_config(folder: Path) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of an adapter folder; {} if absent or unreadable."""
+def adapter_config(entry: Entry) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a registry version (folder or object store); {} if
+    absent or unreadable."""
     try:
-        config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+        config = entry.read_json(ADAPTER_CONFIG)
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -43,7 +42,7 @@ def adapter_config(folder: Path) -> dict[str, Any]:
 
 def dora_refusal(entry: Entry) -> str | None:
     """Why a DoRA adapter cannot be served (None for any other artifact)."""
-    if adapter_config(entry.path).get("use_dora") is not True:
+    if adapter_config(entry).get("use_dora") is not True:
         return None
     return (f"{entry.ref} is a DoRA adapter (use_dora: true in its {ADAPTER_CONFIG}); DoRA adapters cannot "
             "be served by vLLM: retrain it with method.lora.use_dora=false (`lorafleet eval` still scores it)")

@@ -17,14 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from lorafleet.registry import (
-    ArtifactNotFoundError,
-    Entry,
-    LocalStorage,
-    RegistryError,
-    checksums,
-    verify_folder,
-)
+from lorafleet.registry import Entry, RegistryError
+from lorafleet.registry import copy_verified as registry_copy_verified
 
 __all__ = ["CACHE_PREFIX", "AdapterIntegrityError", "CopyCache", "copy_verified", "remove_orphan_caches"]
 
@@ -36,39 +30,9 @@ class AdapterIntegrityError(RegistryError):
 
 
 def copy_verified(entry: Entry, cache_root: Path, dest_name: str | None = None) -> Path:
-    """Copy a registry version into ``cache_root`` and check the copy against its sha256 sums.
-
-    Args:
-        entry: The registry version.
-        cache_root: The private cache folder.
-        dest_name: The copy's folder name (an older copy there is replaced); default: a fresh name.
-
-    Returns the folder holding the verified copy (what vLLM loads).
-
-    Raises:
-        AdapterIntegrityError: A listed file is missing or differs, or an unlisted file is present.
-        ArtifactNotFoundError: The version was removed from the registry before or while copying.
-    """
-    files = checksums(entry.metadata, entry.ref, error=AdapterIntegrityError)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".tmp-{uuid.uuid4().hex}"
-    try:
-        try:  # the registry's own copy-out and sha256 check, run on the private copy vLLM will read
-            LocalStorage(entry.path).copy_out("", tmp)
-        except OSError:  # shutil.Error is one too: a removal renames the version away mid-copy
-            if entry.path.is_dir():
-                raise
-            raise ArtifactNotFoundError(f"{entry.ref} was removed from the registry while being loaded; "
-                                        "request the adapter again for its current version") from None
-        verify_folder(tmp, files, entry.ref, error=AdapterIntegrityError, private_copy=True)
-        final = cache_root / (dest_name or f"{entry.name}@{entry.version}-{uuid.uuid4().hex[:8]}")
-        if final.exists():
-            shutil.rmtree(final)  # an older copy of this id, inside the private cache
-        tmp.rename(final)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """The registry's ``copy_verified`` (a checked private copy, folder or object store), raising
+    :class:`AdapterIntegrityError` when a file does not match."""
+    return registry_copy_verified(entry, cache_root, dest_name, error=AdapterIntegrityError)
 
 
 class CopyCache:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lorafleet.config import FinetuneConfig
+from lorafleet.config import FinetuneConfig, registry_root
 from lorafleet.report.sweep import plot
 from lorafleet.sweep.spec import PLOT_FILE, RESULTS_FILE, TABLE_FILE, SweepSpec, trial_config
 from lorafleet.sweep.tuner import read_events
@@ -154,7 +154,7 @@ def register_best(spec: SweepSpec, report: SweepReport, promote: bool = False) -
     metadata["sweep"] = {"name": spec.sweep.name, "dir": spec.sweep_dir, "trial_id": winner["trial_id"],
                          "metric": spec.metric, "value": winner["best_" + spec.metric], "params": winner["params"],
                          "trials": len(report.trials)}
-    ref = register_artifact(Path(spec.home) / "registry", spec.sweep.registry.name or cfg.name, model_dir, metadata,
+    ref = register_artifact(registry_root(spec.home), spec.sweep.registry.name or cfg.name, model_dir, metadata,
                             promote=promote)
     return report.model_copy(update={"registered": ref, "promoted": promote})
 

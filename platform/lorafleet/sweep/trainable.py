@@ -58,7 +58,7 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
         run_name=trial_id,
         val_rows=[ex.row for ex in data["examples"]["validation"]],
         labels=labels,
-        log_path=str(place.dir / "train_log.jsonl"),
+        log_path=place.file("train_log.jsonl"),
         callbacks=[_report_callback(spec_obj.metric)],
     )
     result = trainer.fit()
