@@ -48,6 +48,13 @@ class FakeEngine:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+        if self.mode in ("gone_mid_stream", "boom_mid_stream"):  # one chunk streamed, then the failure
+            yield 'data: {"id": "c1", "object": "text_completion", "choices": [{"index": 0, "text": "a"}]}\n\n'
+            if self.mode == "boom_mid_stream":
+                raise RuntimeError("engine exploded")
+            from ray.exceptions import ActorUnavailableError
+
+            raise ActorUnavailableError("the actor is unavailable", b"\x00" * 16)
         yield CompletionResponse(model=body.model, choices=[{"index": 0, "text": "ok", "finish_reason": "stop"}],
                                  usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
 
@@ -231,6 +238,29 @@ def test_an_engine_replica_that_dies_mid_request_is_a_503_with_retry_after(regis
     assert not any("unhandled error" in rec.getMessage() for rec in caplog.records)
 
 
+@pytest.mark.parametrize("mode, status, type_", [("gone_mid_stream", 503, "engine_unavailable_error"),
+                                                  ("boom_mid_stream", 500, "internal_error")])
+def test_a_stream_that_fails_after_its_first_chunk_ends_with_an_error_event(registry, mode, status, type_):
+    """After the first chunk the status line is sent: the failure (an engine replica that died, or
+    anything else) is told in the stream itself, in the JSON error shape, then [DONE], as vLLM ends a
+    failed stream. Without this the client saw the stream merely stop (through HAProxy, even a clean
+    end of the chunked body: tests/test_serving_replicas.py's replica kill)."""
+    app, engine = make_app(registry)
+    engine.mode = mode
+
+    async def go():
+        async with client(app) as c:
+            return await c.post(C, json={"model": "tiny", "prompt": "hi", "stream": True})
+
+    r = asyncio.run(go())
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.strip()]
+    assert events[-1] == "[DONE]" and len(events) == 3, events
+    assert json.loads(events[0])["choices"][0]["text"] == "a"
+    error = json.loads(events[1])["error"]
+    assert error["code"] == status and error["type"] == type_ and "exploded" not in error["message"], error
+
+
 def test_body_limit_before_parsing_by_length_and_by_bytes_read(registry):
     from lorafleet.serving.limits import RequestGuard
 
@@ -303,14 +333,18 @@ def test_admission_bound_answers_429_with_retry_after_and_timeout_504(registry):
             await asyncio.sleep(0.3)
             busy = await c.post("/v1/classify", json={"text": "hi"})
             health = await c.get("/healthz")  # never counted, never refused
+            full = (await c.get("/metrics")).text
             done = await asyncio.gather(*slow)
             engine.mode = "ok"
             after = await c.post("/v1/summarize", json={"text": "a short meeting"})
-            return busy, health, done, after
+            empty = (await c.get("/metrics")).text
+            return busy, health, done, after, full, empty
 
-    busy, health, done, after = asyncio.run(go())
+    busy, health, done, after, full, empty = asyncio.run(go())
     assert _is_error(busy, 429) and busy.headers["retry-after"] == "3"
     assert health.status_code == 200
+    # /metrics tells the count the guard admits against (tests/test_serving_replicas.py waits on it).
+    assert "lorafleet_requests_in_flight 2.0" in full and "lorafleet_requests_in_flight 0.0" in empty
     for r in done:
         assert "request_timeout_s=1.0" in _is_error(r, 504)["message"]
     assert after.status_code == 200 and after.json()["summary"] == "a note"  # the slots came back

@@ -11,7 +11,10 @@ error middleware, outside auth and routing):
 * **admission**: at most ``limits.max_in_flight`` requests under ``/v1/`` at once per replica; one
   more is a 429 with ``Retry-After`` at once, not a place in an unbounded queue;
 * **timeout**: a ``/v1/`` request over ``limits.request_timeout_s`` is cancelled (its generation with
-  it) and answered 504 when no answer had started (a stream already under way is cut);
+  it) and answered 504 when no answer had started;
+* **a stream cut short** (the timeout, an engine replica that died, any error after the first chunk)
+  ends with an SSE error event in the same JSON shape, then ``data: [DONE]``, as vLLM's own server
+  ends a stream that fails: the client reads why, instead of a stream that merely stops;
 * **disconnect**: a client that goes away before its answer is complete has its request cancelled
   (vLLM aborts a cancelled generation), streamed or not: Starlette itself only stops streams.
 
@@ -22,11 +25,12 @@ error middleware, outside auth and routing):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 from lorafleet.config.serve import LimitSettings
-from lorafleet.serving.errors import ErrorBody, ServingError, clip, error_response
+from lorafleet.serving.errors import ErrorBody, ErrorResponse, ServingError, clip, error_response
 
 __all__ = ["RequestGuard", "check_openai_request", "check_text", "has_lone_surrogate"]
 
@@ -50,12 +54,22 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        if "app" in scope:  # where /metrics finds the in-flight count
+            scope["app"].state.request_guard = self
+        started = streaming = False
+        held_end: list[dict] = []  # a stream's closing message, sent once the app has returned
 
         async def send_tracked(message: dict) -> None:
-            nonlocal started
+            nonlocal started, streaming
             if message["type"] == "http.response.start":
                 started = True
+                streaming = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                for k, v in message.get("headers", ()))
+            elif streaming and message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Starlette's BaseHTTPMiddleware closes a stream cleanly even when its body iterator
+                # raised, and then re-raises: hold the close, so a failure can still be told in the stream.
+                held_end.append(message)
+                return
             await send(message)
 
         async def refuse(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> None:
@@ -78,20 +92,35 @@ class RequestGuard:
                     await _run_until_gone(self.app(scope, replay, send_tracked), receive, gone, body is None)
             else:
                 await _run_until_gone(self.app(scope, replay, send_tracked), receive, gone, body is None)
+            if held_end:
+                with contextlib.suppress(Exception):  # a client that left: nothing to close
+                    await send(held_end[0])
         except _BodyTooLarge as exc:
             if not started:
                 await refuse(413, str(exc), "request_too_large")
         except TimeoutError:
-            if started:  # a stream cut short: nothing more can be said over HTTP
+            message = f"no answer within request_timeout_s={self.limits.request_timeout_s} s; the request was cancelled"
+            if started:
                 log.warning("request %s %s cut at request_timeout_s=%s", scope["method"], scope["path"],
                             self.limits.request_timeout_s)
+                if streaming:
+                    await _end_stream(send, ErrorBody(message=message, type="timeout_error", code=504))
                 return
-            await refuse(504, f"no answer within request_timeout_s={self.limits.request_timeout_s} s; the "
-                         "request was cancelled", "timeout_error")
-        except Exception:
+            await refuse(504, message, "timeout_error")
+        except Exception as exc:
+            if started and streaming and _engine_gone(exc):
+                log.warning("%s %s: the engine replica died mid-stream; the stream ends with an error event",
+                            scope.get("method"), clip(scope.get("path", "")))
+                await _end_stream(send, ErrorBody(message=ENGINE_GONE_MID_STREAM, type="engine_unavailable_error",
+                                                  code=503))
+                return
             log.exception("unhandled error on %s %s", scope.get("method"), clip(scope.get("path", "")))
+            if started and streaming:
+                await _end_stream(send, ErrorBody(message="internal error (logged on the server) mid-stream; the "
+                                                  "request may be retried", type="internal_error", code=500))
+                return
             if started:
-                raise  # the server aborts the connection: the client sees a broken stream, not a short one
+                raise  # the server aborts the connection: the client sees a broken answer, not a short one
             await refuse(500, "internal error (logged on the server); the request may be retried",
                          "internal_error")
         finally:
@@ -122,6 +151,34 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+ENGINE_GONE_MID_STREAM = ("the engine replica serving this stream stopped; Ray Serve is replacing it: "
+                          "retry the request")
+
+
+def _engine_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: Starlette wraps an error raised mid-response) is Ray's
+    word that the engine replica died or cannot be reached."""
+    from ray.exceptions import RayActorError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RayActorError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+async def _end_stream(send: Any, error: ErrorBody) -> None:
+    """End a started SSE answer with an error event and ``[DONE]`` (nothing if the client left)."""
+    event = ErrorResponse(error=error).model_dump_json(exclude_none=True)
+    try:
+        await send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode(),
+                    "more_body": False})
+    except Exception:  # noqa: BLE001 - the connection is gone: there is no one to tell
+        pass
 
 
 def _replay(body: bytes | None, gone: asyncio.Event) -> Any:

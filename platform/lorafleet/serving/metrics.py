@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["RequestMetrics", "CONTENT_TYPE_LATEST"]
@@ -31,6 +31,10 @@ class RequestMetrics:
             "lorafleet_request_latency_seconds", "Request latency by endpoint and adapter.",
             ["endpoint", "adapter"], registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.in_flight = Gauge(
+            "lorafleet_requests_in_flight", "Requests under /v1/ admitted and not yet answered on this replica "
+            "(the request guard's count, against limits.max_in_flight).", registry=self.registry,
         )
 
     def observe(self, endpoint: str, adapter: str, status: int, seconds: float) -> None:
