@@ -161,6 +161,41 @@ def _ids(body: dict, eos: int) -> list[int]:
     return [t for t in body["choices"][0]["token_ids"] if t != eos]
 
 
+def stream_to_end(stack, started: threading.Event, *, max_tokens: int, model: str = "tickets-lora",
+                  prompts: int = 1, **sampling) -> dict:
+    """One streamed completion of ``max_tokens`` tokens (EOS ignored) for each of ``prompts`` copies of
+    a prompt (plus any ``sampling`` fields, e.g. ``n``), read to its end (or the client's 120 s
+    timeout); ``started`` is set at its first chunk.
+    Returns its status, the chunks that came, whether [DONE] came, the error events it carried, lines
+    that were not JSON, and the client's exception if any (a hang or a broken connection)."""
+    out: dict = {"status": None, "chunks": 0, "done": False, "errors": [], "bad_lines": [], "exception": None}
+    try:
+        with _client(stack) as c, c.stream("POST", "/v1/completions", timeout=120, json={
+                "model": model, "prompt": [stack["prompts"][0]] * prompts, "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True, **sampling}) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if not line.strip():
+                    continue
+                started.set()
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    out["done"] = True
+                    continue
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    out["bad_lines"].append(line[:200])
+                    continue
+                if "error" in event:
+                    out["errors"].append(event["error"])
+                else:
+                    out["chunks"] += 1
+    except httpx.HTTPError as exc:
+        out["exception"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ in another process, promotion. The other routes are the same code in both modes 
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -21,6 +23,7 @@ from test_serving import (  # noqa: F401
     _ids,
     reference,
     serving_stack,
+    stream_to_end,
     test_healthz_open_and_models_listed,
     test_healthz_says_starting_until_the_engine_answers,
     test_completions_equal_transformers_peft_in_one_mixed_batch,
@@ -40,16 +43,25 @@ def stack(tmp_path_factory, trained, home, base_model):
 
 # Last in the module: it replaces the engine replica the tests above ran against.
 def test_killed_engine_replica_is_replaced_and_healthz_says_so(stack, reference):
-    """Issue 20 item 4, for real: SIGKILL the engine replica's process. The ingress stays up and
-    /healthz answers 503 "unhealthy" (the engine does not answer); Ray Serve starts a new replica;
-    /healthz says "ok" again; `lorafleet serve` keeps serving (the application was only
+    """Issue 20 item 4, for real: SIGKILL the only engine replica's process while a stream runs on
+    it. The stream ends at once with a JSON error event and [DONE] (no hang); the ingress stays up
+    and /healthz answers 503 "unhealthy" (the engine does not answer); Ray Serve starts a new
+    replica; /healthz says "ok" again; `lorafleet serve` keeps serving (the application was only
     repairing); an adapter request answers token for token as before (loaded again on demand)."""
     serve_proc = psutil.Process(stack["pid"])
     replicas = [p for p in serve_proc.children(recursive=True)
                 if "ServeReplica:lorafleet:LLMServer:tiny" in " ".join(p.cmdline())]
     assert len(replicas) == 1, [" ".join(p.cmdline())[:80] for p in serve_proc.children(recursive=True)]
-    replicas[0].kill()
-    killed = time.time()
+    first = threading.Event()
+    with ThreadPoolExecutor(1) as pool:  # 64 prompts x 4 choices x the 64-token cap: seconds of work
+        streaming = pool.submit(stream_to_end, stack, first, max_tokens=64, prompts=64, n=4, temperature=1.0)
+        assert first.wait(60), "the stream never started"
+        replicas[0].kill()
+        killed = time.time()
+        cut = streaming.result(timeout=90)
+    print(f"the stream running at the kill: {cut}")
+    assert cut["status"] == 200 and cut["exception"] is None and cut["bad_lines"] == [] and cut["done"], cut
+    assert [e["type"] for e in cut["errors"]] == ["engine_unavailable_error"] and cut["chunks"] < 64 * 4 * 64, cut
     seen: list = []
     with _client(stack, key=None) as c:
         while not (seen and seen[-1][0] == 200 and any(code == 503 for code, _ in seen)):

@@ -43,19 +43,31 @@ class _BodyTooLarge(Exception):
 
 
 class RequestGuard:
-    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would buffer streams and hide exceptions)."""
+    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would buffer streams and hide exceptions).
+
+    The in-flight count is the process's (a replica is one process), not the instance's: the bound
+    is per replica, and under Ray Serve the app's middleware stack is apparently not always one
+    object (an instance count read through /metrics once said 0 while three streams ran)."""
+
+    _in_flight = 0  # admitted /v1/ requests of this process; one event loop, so no lock
 
     def __init__(self, app: Any, limits: LimitSettings) -> None:
         self.app = app
         self.limits = limits
-        self.in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return RequestGuard._in_flight
+
+    @staticmethod
+    def admitted_now() -> int:
+        """The /v1/ requests admitted and not yet answered in this process (``/metrics``)."""
+        return RequestGuard._in_flight
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if "app" in scope:  # where /metrics finds the in-flight count
-            scope["app"].state.request_guard = self
         started = streaming = False
         held_end: list[dict] = []  # a stream's closing message, sent once the app has returned
 
@@ -82,7 +94,7 @@ class RequestGuard:
                          f"{self.limits.max_in_flight}); retry after {self.limits.retry_after_s} s",
                          "rate_limit_error", {"Retry-After": str(self.limits.retry_after_s)})
             return
-        self.in_flight += admitted
+        RequestGuard._in_flight += admitted
         try:
             body = await self._read_body(scope, receive)
             gone = asyncio.Event()  # set when the client disconnects
@@ -124,7 +136,7 @@ class RequestGuard:
             await refuse(500, "internal error (logged on the server); the request may be retried",
                          "internal_error")
         finally:
-            self.in_flight -= admitted
+            RequestGuard._in_flight -= admitted
 
     async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
         """The body, read up to the limit (413 past it); None when the client left before sending it."""

@@ -182,10 +182,8 @@ class LorafleetIngress(OpenAiIngress):
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503,
                             headers=None if ok else {"Retry-After": "5"})
 
-    async def metrics_text(self, request: Request) -> Response:
-        guard = getattr(request.app.state, "request_guard", None)
-        if guard is not None:
-            self.metrics.in_flight.set(guard.in_flight)
+    async def metrics_text(self) -> Response:
+        self.metrics.in_flight.set(RequestGuard.admitted_now())
         text = self.metrics.render()
         if self._engine_registry is not None:
             from prometheus_client import generate_latest
