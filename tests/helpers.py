@@ -56,8 +56,12 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, check: b
 
 
 def last_json(stdout: str) -> dict:
-    """The JSON summary a `--json` command prints as its last line."""
-    return json.loads(stdout.strip().splitlines()[-1])
+    """The JSON summary a `--json` command prints as its last line (a failure names what came last)."""
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    try:
+        return json.loads(last)
+    except ValueError:
+        raise AssertionError(f"the last line of a --json command is not JSON: {last[:300]!r}") from None
 
 
 _handed_out: set[int] = set()

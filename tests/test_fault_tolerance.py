@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import LORAFLEET, REPO, stop_tree
+from helpers import LORAFLEET, REPO, last_json, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_killed_driver_continues_with_resume(env, home):
     out = subprocess.run([LORAFLEET, "train", "--resume", str(run_dir), "--quiet", "--json"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = last_json(out.stdout)
     assert summary["steps"] == 60 and summary["registered"] == "kill-driver@1" and summary["method"] == "full"
     resumed = [r for r in _log(run_dir) if r["resumed_from"] is not None]
     assert resumed and resumed[0]["resumed_from"] >= registered

@@ -162,15 +162,15 @@ def _ids(body: dict, eos: int) -> list[int]:
 
 
 def stream_to_end(stack, started: threading.Event, *, max_tokens: int, model: str = "tickets-lora",
-                  prompts: int = 1, **sampling) -> dict:
+                  prompts: int = 1, client: "httpx.Client | None" = None, **sampling) -> dict:
     """One streamed completion of ``max_tokens`` tokens (EOS ignored) for each of ``prompts`` copies of
     a prompt (plus any ``sampling`` fields, e.g. ``n``), read to its end (or the client's 120 s
-    timeout); ``started`` is set at its first chunk.
+    timeout) on ``client`` (default a new one); ``started`` is set at its first chunk.
     Returns its status, the chunks that came, whether [DONE] came, the error events it carried, lines
     that were not JSON, and the client's exception if any (a hang or a broken connection)."""
     out: dict = {"status": None, "chunks": 0, "done": False, "errors": [], "bad_lines": [], "exception": None}
     try:
-        with _client(stack) as c, c.stream("POST", "/v1/completions", timeout=120, json={
+        with (client or _client(stack)) as c, c.stream("POST", "/v1/completions", timeout=120, json={
                 "model": model, "prompt": [stack["prompts"][0]] * prompts, "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": True, **sampling}) as r:
             out["status"] = r.status_code

@@ -220,14 +220,17 @@ def test_a_replica_killed_under_load_fails_its_requests_with_json_and_is_replace
     firsts = [threading.Event() for _ in range(n)]
 
     def plain(c) -> tuple[int, dict, dict]:
-        r = c.post("/v1/completions", json={"model": "tickets-lora", "prompt": [stack["prompts"][1]] * 8,
+        r = c.post("/v1/completions", json={"model": "tickets-lora", "prompt": [stack["prompts"][1]] * 16,
                                             "max_tokens": LONG, "temperature": 0, "ignore_eos": True})
         return r.status_code, dict(r.headers), r.json()
 
-    # Clients first (each builds an SSL context: slow on 2 busy cores); 8 x LONG tokens per request,
-    # so the streams still run when the plain request has been admitted too.
+    # Clients first (each builds an SSL context: seconds on 2 busy cores, during which a stream that
+    # started earlier could finish), and 16 x LONG tokens per request, so all 4 run at once for seconds.
+    # (The server may finish a stream well before the client has read it: TCP buffers hold the rest.)
+    clients = [_client(stack) for _ in range(n)]
     with ThreadPoolExecutor(n + 1) as pool, _client(stack) as probe, _client(stack) as other:
-        streams = [pool.submit(stream_to_end, stack, ev, max_tokens=LONG, prompts=8) for ev in firsts]
+        streams = [pool.submit(stream_to_end, stack, ev, max_tokens=LONG, prompts=16, client=c)
+                   for ev, c in zip(firsts, clients)]
         assert all(ev.wait(60) for ev in firsts), "the streams never started"
         waiting = pool.submit(plain, other)
         _wait_in_flight(probe, n + 1, [*streams, waiting])  # the plain request is on a replica too
@@ -245,9 +248,9 @@ def test_a_replica_killed_under_load_fails_its_requests_with_json_and_is_replace
     cut = [s for s in ended if s["errors"]]
     assert cut, f"no stream was cut: did the kill miss them? {ended}"
     for s in cut:  # the client reads why its stream stopped, and that a retry will do
-        assert [e["type"] for e in s["errors"]] == ["engine_unavailable_error"] and s["chunks"] < 8 * LONG, s
+        assert [e["type"] for e in s["errors"]] == ["engine_unavailable_error"] and s["chunks"] < 16 * LONG, s
     for s in ended:
-        assert s in cut or s["chunks"] >= 8 * LONG, s  # any other stream ran on the other replica, whole
+        assert s in cut or s["chunks"] >= 16 * LONG, s  # any other stream ran on the other replica, whole
 
     # While the replacement starts: every answer is JSON, and the service comes back.
     answers: list[tuple[float, int, str]] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LORAFLEET, REPO, run_cli, stop_tree
+from helpers import LORAFLEET, REPO, last_json, run_cli, stop_tree
 from lorafleet.config import ConfigError
 from lorafleet.sweep import (
     EVENTS_FILE,
@@ -206,7 +206,7 @@ def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, 
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"sweep: first driver {killed_at - started:.0f} s, total {time.time() - started:.0f} s")
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = last_json(out.stdout)
 
     results = json.loads((sweep_dir / RESULTS_FILE).read_text())
     trials = {t["trial_id"]: t for t in results["trials"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_output", "add_overrides"]
+__all__ = ["add_output", "add_overrides", "shutdown_ray"]
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -17,3 +17,12 @@ def add_output(parser: argparse.ArgumentParser, json_help: str, quiet_help: str 
     parser.add_argument("--json", action="store_true", help=json_help)
     if quiet_help:
         parser.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
+def shutdown_ray() -> None:
+    """Stop the command's Ray now: its forwarded worker and raylet logs flush here, so nothing
+    prints after the summary (a `--json` line must be the last line)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

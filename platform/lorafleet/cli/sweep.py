@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorafleet.cli._args import add_output, add_overrides
+from lorafleet.cli._args import add_output, add_overrides, shutdown_ray
 
 __all__ = ["add_parser", "cmd_sweep"]
 
@@ -20,6 +20,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         report = run_sweep(load_sweep(args.config, args.set, default_home(), name=args.name), promote=args.promote)
     else:
         raise SystemExit("lorafleet sweep: give a sweep CONFIG file, or --resume SWEEP_DIR")
+    shutdown_ray()  # a raylet warning once printed after the JSON line
     if args.json:
         print(json.dumps({k: v for k, v in report.model_dump().items() if k != "trials"}))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafleet.cli._args import add_output, add_overrides
+from lorafleet.cli._args import add_output, add_overrides, shutdown_ray
 
 __all__ = ["add_parser", "cmd_base_build", "cmd_base_import_gguf", "cmd_train", "cmd_eval"]
 
@@ -50,19 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("lorafleet train: give a CONFIG file, or --resume RUN_DIR")
     summary = finetune(cfg, registry_root=registry_root(home), resume_dir=args.resume, progress=not args.quiet)
-    _shutdown_ray()  # flush worker logs now, so nothing prints after the summary
+    shutdown_ray()
     if args.json:
         print(json.dumps(summary.as_dict()))
     else:
         print_summary(summary)
     return 0
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
