@@ -86,55 +86,67 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(stack):
     assert set().union(*held.values()) == {"tickets-lora@1", "notes-lora@1"}
 
 
-def test_overload_is_refused_at_once_and_the_server_recovers(stack):
-    """MAX_IN_FLIGHT requests hold every slot (HOLD_PROMPTS prompts of LONG tokens each, not streamed:
-    the ingress relays nothing meanwhile); once /metrics counts them in flight, a burst of BURST
-    requests arrives. Every one answered
-    before the first holder must be a JSON 429 with Retry-After: refused, not queued. (An earlier
-    version counted the 200s of a burst alone; the share admitted depended on how fast generations
-    ended, and 14 of 24 once were. Streamed holders made the ingress itself the bottleneck: relaying
-    their tokens delayed every refusal until they had ended.)"""
+def _overload_trial(stack, clients: list) -> tuple[list, list, float]:
+    """MAX_IN_FLIGHT holders (HOLD_PROMPTS prompts of LONG tokens each, not streamed) take every
+    slot; once /metrics counts them, BURST requests go at once on ``clients`` (built beforehand, their
+    threads already waiting). Returns (the holders' answers, the burst's (status, headers, body,
+    sent, answered)), and when the first holder ended."""
     held_until: list[float] = []
+    go = threading.Event()
 
-    def hold(i: int) -> tuple[int, dict]:
-        with _client(stack) as c:  # a few hundred ms to build: before its request, not during the burst
-            r = c.post("/v1/completions", timeout=300, json={
-                "model": "tickets-lora" if i % 2 else "tiny", "prompt": [stack["prompts"][i % 4]] * HOLD_PROMPTS,
-                "max_tokens": LONG, "temperature": 0, "ignore_eos": True})
+    def hold(c) -> tuple[int, dict]:
+        r = c.post("/v1/completions", timeout=300, json={
+            "model": "tickets-lora", "prompt": [stack["prompts"][0]] * HOLD_PROMPTS,
+            "max_tokens": LONG, "temperature": 0, "ignore_eos": True})
         held_until.append(time.time())
         return r.status_code, r.json()
 
-    barrier = threading.Barrier(BURST)
-    # The burst's clients are made first: an httpx client builds an SSL context, and 24 of them took
-    # 10 s on 2 cores busy generating, long enough for the holders to finish first.
-    clients = [_client(stack) for _ in range(BURST)]
-
     def ask(i: int) -> tuple[int, dict, dict, float, float]:
-        barrier.wait()
-        started = time.time()
-        r = clients[i].post("/v1/completions", json={
+        go.wait()
+        sent = time.time()
+        r = clients[MAX_IN_FLIGHT + 1 + i].post("/v1/completions", json={
             "model": "tickets-lora" if i % 2 else "tiny", "prompt": stack["prompts"][i % 4],
             "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
-        return r.status_code, dict(r.headers), r.json(), started, time.time()
+        return r.status_code, dict(r.headers), r.json(), sent, time.time()
 
+    with ThreadPoolExecutor(MAX_IN_FLIGHT) as holding, ThreadPoolExecutor(BURST) as pool:
+        burst = [pool.submit(ask, i) for i in range(BURST)]  # their threads start now, and wait
+        held = [holding.submit(hold, clients[i]) for i in range(MAX_IN_FLIGHT)]
+        _wait_in_flight(clients[MAX_IN_FLIGHT], MAX_IN_FLIGHT, held)  # the holders have every slot
+        go.set()
+        answers = [f.result(timeout=300) for f in burst]
+        holds = [f.result(timeout=300) for f in held]
+    return holds, answers, min(held_until)
+
+
+def test_overload_is_refused_at_once_and_the_server_recovers(stack):
+    """MAX_IN_FLIGHT requests hold every slot (not streamed: the ingress relays nothing meanwhile);
+    once /metrics counts them in flight, a burst of BURST requests arrives. Every one answered before
+    the first holder ended must be a JSON 429 with Retry-After: refused, not queued.
+
+    A trial counts only if most of the burst was answered before the first holder ended (on a machine
+    also running the other pytest worker, the holders once ended first); up to 3 trials. (An earlier
+    version counted the 200s of a bare burst; the share admitted depended on how fast generations
+    ended, and 14 of 24 once were. Streamed holders made the ingress's relaying the bottleneck.)"""
+    # Clients first: each builds an SSL context, and 24 took 10 s on 2 busy cores.
+    clients = [_client(stack) for _ in range(MAX_IN_FLIGHT + 1 + BURST)]
     try:
-        with ThreadPoolExecutor(MAX_IN_FLIGHT) as holding, ThreadPoolExecutor(BURST) as pool:
-            held = [holding.submit(hold, i) for i in range(MAX_IN_FLIGHT)]
-            _wait_in_flight(clients[0], MAX_IN_FLIGHT, held)  # the holders have every slot
-            answers = list(pool.map(ask, range(BURST)))
-            holds = [f.result(timeout=300) for f in held]
+        for trial in range(1, 4):
+            holds, answers, slots_freed = _overload_trial(stack, clients)
+            for code, body in holds:  # each held its slot to the end: admitted, every sequence whole
+                assert code == 200 and len(body["choices"]) == HOLD_PROMPTS, (code, str(body)[:300])
+            during = [a for a in answers if a[4] < slots_freed]  # no slot was free before slots_freed
+            codes = Counter(code for code, *_ in answers)
+            print(f"trial {trial}: burst of {BURST} while {MAX_IN_FLIGHT} requests held every slot: {dict(codes)}; "
+                  f"{len(during)} answered before the first holder ended "
+                  f"({slots_freed - min(a[3] for a in answers):.1f} s after the burst began)")
+            if len(during) >= BURST // 2:
+                break
+        else:
+            raise AssertionError("in 3 trials the holders ended before most of the burst was answered")
     finally:
         for c in clients:
             c.close()
-    for code, body in holds:  # each held its slot to the end: admitted, every sequence whole
-        assert code == 200 and len(body["choices"]) == HOLD_PROMPTS, (code, str(body)[:300])
-    slots_freed = min(held_until)  # no slot was free before the first holder ended
-    during = [a for a in answers if a[4] < slots_freed]
-    codes = Counter(code for code, *_ in answers)
-    print(f"burst of {BURST} while {MAX_IN_FLIGHT} requests held every slot: {dict(codes)}; "
-          f"{len(during)} answered before the first holder ended ({slots_freed - min(a[3] for a in answers):.1f} s "
-          "after the burst began)")
-    assert len(during) >= BURST // 2, "the holders ended before most of the burst was answered: inconclusive"
     for code, headers, body, _, _ in during:
         assert code == 429, (code, body)
         assert headers["content-type"].startswith("application/json") and headers["retry-after"] == "1"
@@ -143,7 +155,7 @@ def test_overload_is_refused_at_once_and_the_server_recovers(stack):
         if code == 200:  # admitted after a holder ended: a whole generation
             assert len(body["choices"][0]["token_ids"]) == LONG, body
     # Reported, not asserted (timings on a shared 2-core machine): how soon a refusal came back.
-    refused = [end - start for code, _, _, start, end in answers if code == 429]
+    refused = [end - sent for code, _, _, sent, end in answers if code == 429]
     print(f"seconds to a 429: median {statistics.median(refused):.3f} max {max(refused):.3f}")
 
     # Recovered: nothing is left in flight, so requests one after another are all admitted.
