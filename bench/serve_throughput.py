@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--access-log", action="store_true", help="turn Ray Serve's per-request access logs on")
     parser.add_argument("--no-fast-path", action="store_true",
                         help="start the endpoint without Ray Serve's throughput-optimized mode and HAProxy "
-                        "(lorafleet.cli.serve.SERVE_FAST_PATH_ENV set to 0)")
+                        "(lorafleet.serving.local.SERVE_FAST_PATH_ENV set to 0)")
     parser.add_argument("--also-separate", action="store_true",
                         help="measure the endpoint a second time with `ingress: separate`, after the shipped one")
     parser.add_argument("--rest-windows", type=int, default=5,
@@ -375,7 +375,7 @@ def main() -> None:
     args.names = [e.name for e in entries]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if args.no_fast_path:
-        from lorafleet.cli.serve import SERVE_FAST_PATH_ENV
+        from lorafleet.serving.local import SERVE_FAST_PATH_ENV
 
         env.update({k: "0" for k in SERVE_FAST_PATH_ENV if k != "RAY_SERVE_LOG_TO_STDERR"})
 

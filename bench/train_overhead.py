@@ -7,11 +7,11 @@ Both parts train the classification task (configs/tiny/classification-lora.yaml:
 support tickets, the tiny Llama) with ONE worker, the config's batch size unless overridden, and
 eval/checkpoint only at the last step (`train.eval_every=<steps>`).
 
-1. Ray Train overhead: the real lorafleet path, `lorafleet.finetune.finetune()` -> TorchTrainer
-   running `lorafleet.train.train_loop_per_worker` (Ray Data shard; rank 0 logs every `log_every`
+1. Ray Train overhead: the real lorafleet path, `lorafleet.train.recipe.finetune()` -> TorchTrainer
+   running `lorafleet.train.worker.train_loop_per_worker` (Ray Data shard; rank 0 logs every `log_every`
    steps to train_log.jsonl and the driver's progress queue; `ray.train.report` runs only at
    evaluations, here once, at the last step), against a plain PyTorch loop in a fresh process (no Ray in it) that does the
-   same step: same model, method, data rows, padding and `_collate`, AdamW + LR schedule, grad
+   same step: same model, method, data rows, padding and `collate`, AdamW + LR schedule, grad
    clipping, and the same torch thread count (lorafleet sets `cpus_per_worker` = 1 thread; the
    plain process sets 1 thread and OMP_NUM_THREADS=1 as Ray does for a 1-CPU actor) and the same
    niceness (Ray starts its workers at nice 15; on a machine shared with other work a nice-0 plain
@@ -204,21 +204,18 @@ def _plain(spec: dict[str, Any]) -> dict[str, Any]:
     from lorafleet.base_model import load_model, load_tokenizer
     from lorafleet.config import FinetuneConfig
     from lorafleet.data import IGNORE_INDEX
-    from lorafleet.finetune import load_splits
-    from lorafleet.methods import apply_method, count_params
-    from lorafleet.tasks import get_task
-    from lorafleet.train import _collate, _lr_lambda  # the exact collate and LR schedule of the Ray loop
+    from lorafleet.train.context import RunContext
+    from lorafleet.train.dataset import build_scheduler, collate  # the exact collate and LR schedule of the Ray loop
+    from lorafleet.train.methods import apply_method, count_params
 
     cfg = FinetuneConfig.model_validate(spec["config"])
-    task = get_task(cfg.task.name)
-    labels = list(cfg.task.labels or task.labels) or None
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # what train_loop_per_worker sets
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    encoded = load_splits(cfg, tokenizer, labels)["train_encoded"]
-    # The padding of lorafleet.train.build_dataset, as numpy columns instead of a Ray Dataset.
+    encoded = RunContext.build(cfg).encode(tokenizer)
+    # The padding of lorafleet.train.dataset.build_dataset, as numpy columns instead of a Ray Dataset.
     width = max(len(r["input_ids"]) for r in encoded)
     label_width = max(len(r["labels"]) for r in encoded)
     pad = tokenizer.pad_token_id
@@ -237,7 +234,7 @@ def _plain(spec: dict[str, Any]) -> dict[str, Any]:
     trainable, total = count_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = build_scheduler(optimizer, cfg)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu else torch.autocast("cpu", enabled=False)
     )
@@ -251,7 +248,7 @@ def _plain(spec: dict[str, Any]) -> dict[str, Any]:
         while True:  # epochs; drop_last like iter_torch_batches(drop_last=True)
             order = rng.permutation(len(encoded))
             for i in range(0, len(order) - bs + 1, bs):
-                yield _collate({k: v[order[i : i + bs]] for k, v in columns.items()})
+                yield collate({k: v[order[i : i + bs]] for k, v in columns.items()})
 
     it = batches()
     times, tokens = [], []
@@ -335,8 +332,8 @@ def _run_plain(cfg, args: argparse.Namespace, niceness: int) -> dict[str, Any]:
 
 
 def _run_ray(cfg, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """lorafleet.finetune.finetune() with one worker; step times from the run's train_log.jsonl."""
-    from lorafleet.finetune import finetune
+    """lorafleet.train.recipe.finetune() with one worker; step times from the run's train_log.jsonl."""
+    from lorafleet.train.recipe import finetune
 
     summary = finetune(cfg, registry_root=work / "registry", progress=False)
     run_dir = Path(summary.run_dir)
@@ -352,7 +349,7 @@ def _run_ray(cfg, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     checkpoints = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())  # not *_snapshot.json
     artifact = Path(summary.artifact_dir)
     out = {
-        "path": "lorafleet.finetune.finetune -> TorchTrainer(lorafleet.train.train_loop_per_worker)",
+        "path": "lorafleet.train.recipe.finetune -> TorchTrainer(lorafleet.train.worker.train_loop_per_worker)",
         "trainable_params": summary.trainable_params,
         "total_params": summary.total_params,
         "step_time_s": statistics.median(reported),
@@ -509,7 +506,7 @@ def main() -> None:
 
     import torch
 
-    from lorafleet.finetune import init_ray
+    from lorafleet.cluster import init_ray
 
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="lf-bench-train-"))
@@ -549,7 +546,7 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
-    from lorafleet.run import LOCAL_TRAIN_POLL_S
+    from lorafleet.cluster import LOCAL_TRAIN_POLL_S
 
     result = {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -563,7 +560,7 @@ def main() -> None:
             "worker_threads": max(1, int(cfgs["lora"].scaling.cpus_per_worker)),
             "niceness": niceness,
             "ray_train_health_check_interval_s": os.environ.get(
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", f"{LOCAL_TRAIN_POLL_S} (lorafleet.run.init_ray's local default)"),
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", f"{LOCAL_TRAIN_POLL_S} (lorafleet.cluster.init_ray's local default)"),
         },
         "load_before": load_before,
         "load_after": load_after,

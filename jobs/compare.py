@@ -13,7 +13,8 @@ import argparse
 import json
 import sys
 
-from lorafleet.compare import load_compare_config, run_ladder
+from lorafleet.compare import run_ladder
+from lorafleet.config.compare import load_compare_config
 from lorafleet.config import ConfigError, set_home
 from lorafleet.report import REPORT_FILES
 

@@ -12,7 +12,9 @@ import argparse
 import json
 
 from lorafleet.config import load_config, registry_root, set_home
-from lorafleet.finetune import finetune, init_ray, run_dir_config
+from lorafleet.cluster import init_ray
+from lorafleet.train.context import run_dir_config
+from lorafleet.train.recipe import finetune
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # * a module is a group, so its module-scoped fixtures (a served stack, a trained ladder) start once;
 # * the modules that share the session's `trained` adapters, and everything that runs `lorafleet
 #   serve`, are one group, "serving": the adapters train once, and one Ray Serve runs at a time (two
-#   at once crash: "HAProxy crashed during startup", its state is machine-wide under /tmp). It is the
-#   longest group, so it is queued first.
+#   at once collide on a machine-wide port, Ray Serve's fallback proxy's 8500: the second `lorafleet
+#   serve` stops before Ray starts, naming it). It is the longest group, so it is queued first.
 # (xdist's own `xdist_group` marks do nothing under pytest 9: xdist 3.8 sets `item._nodeid`, which
 # pytest 9 no longer has. Hence a scheduler whose scope is the group.)
 SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_serving_replicas", "test_serving_s3",
@@ -113,7 +113,7 @@ def ray_local(tmp_path_factory):
     """One private local Ray instance for in-process tests (never attaches to another Ray)."""
     import ray
 
-    from lorafleet.run import init_ray
+    from lorafleet.cluster import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     init_ray(num_cpus=4)  # what the CLI starts: a private local Ray with lorafleet's settings

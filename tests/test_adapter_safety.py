@@ -83,7 +83,7 @@ def test_fingerprint_is_none_without_a_local_model(tmp_path: Path) -> None:
 
 def test_registration_records_the_base_fingerprint(tmp_path: Path) -> None:
     from lorafleet.config import parse_config
-    from lorafleet.run import RunSummary, register_artifact, run_metadata
+    from lorafleet.train.results import RunSummary, register_artifact, run_metadata
 
     base = fake_base(tmp_path / "tiny")
     cfg = parse_config({"name": "t", "model": {"name_or_path": str(base)}, "task": {"name": "classification"}},
@@ -337,13 +337,13 @@ def test_base_build_refuses_before_building(tmp_path: Path) -> None:
 
 
 def test_base_build_cli_refuses_before_ray_starts(tmp_path: Path, capsys, monkeypatch) -> None:
-    from lorafleet import finetune
+    from lorafleet import cluster
     from lorafleet.cli import main
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    monkeypatch.setattr(finetune, "init_ray", lambda *a, **k: pytest.fail("Ray started before the refusal"))
+    monkeypatch.setattr(cluster, "init_ray", lambda *a, **k: pytest.fail("Ray started before the refusal"))
     monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
     assert main(["base", "build", "--out", str(mine), "--steps", "0"]) == 2
     assert "never deleted" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"

@@ -17,7 +17,7 @@ def test_every_command_is_in_the_table_and_takes_home(tmp_path: Path) -> None:
     argv = {"base": ["base", "build"], "train": ["train", "x.yaml"], "eval": ["eval", "base"],
             "adapters": ["adapters", "list"], "serve": ["serve"], "ask": ["ask", "qa", "why"],
             "rag": ["rag", "search", "q", "--collection", "kb"], "sweep": ["sweep"],
-            "compare": ["compare", "c.yaml"], "prompts": ["prompts", "c.yaml"]}
+            "compare": ["compare", "c.yaml"], "prompts": ["prompts", "c.yaml"], "plan": ["plan", "c.yaml"]}
     assert set(argv) == set(COMMANDS)
     for words in argv.values():
         args = parser.parse_args([*words, "--home", str(tmp_path)])

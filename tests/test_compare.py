@@ -18,7 +18,7 @@ import pytest
 
 from helpers import REPO
 
-from lorafleet.compare import PROMPT_RUNGS, RUNGS, load_compare_config, parse_compare_config
+from lorafleet.config.compare import PROMPT_RUNGS, RUNGS, load_compare_config, parse_compare_config
 from lorafleet.config import ConfigError
 
 CLS = REPO / "configs" / "tiny" / "compare-classification.yaml"
@@ -210,9 +210,18 @@ def test_prompt_lab_on_the_ladder_adapter_reproduces_its_metric(ladder_run, home
 
 @pytest.mark.slow
 def test_ladder_rungs_are_deterministic(ladder_run, tmp_path):
-    """Same seeds, same data, same metric: a second job re-runs zero_shot and lora."""
+    """Same seeds, same data, same metric: a second job re-runs zero_shot and lora. Between them a rung
+    that fails (partial, asked for more blocks than the model has) is reported as failed, with its reason,
+    ranked last, and the ladder goes on (issue 30)."""
     rows, _, env = ladder_run
-    again = _run_job(tmp_path / "again", env, ["rungs=[zero_shot,lora]"])
+    again = _run_job(tmp_path / "again", env, ["rungs=[zero_shot,partial,lora]",
+                                               "overrides.partial={method.partial_layers: 99}"])
     first = {r["rung"]: r for r in rows}
+    failed = [r for r in again if r["status"] == "failed"]
+    assert [r["rung"] for r in failed] == ["partial"] and failed[0]["rank"] == 3, again
+    assert "partial_layers=99" in failed[0]["notes"] and failed[0]["value"] is None
+    assert [r["rung"] for r in again if r["status"] == "ok"] == ["zero_shot", "lora"]
     for r in again:
-        assert r["test_metrics"] == first[r["rung"]]["test_metrics"], r["rung"]
+        if r["status"] == "ok":
+            assert r["test_metrics"] == first[r["rung"]]["test_metrics"], r["rung"]
+    assert "| partial | failed |" in (tmp_path / "again" / "report.md").read_text()

@@ -53,6 +53,24 @@ def test_cross_field_problems_say_the_fix(tmp_path):
     assert len(err.value.problems) == 3
 
 
+def test_generation_budget_and_truncation_settings(tmp_path):
+    """task.max_new_tokens (generating tasks only, >= 1; default: none, the task's own) and
+    data.truncate (error | left | right; default error)."""
+    cfg = parse_config({"task": {"name": "summarization", "max_new_tokens": 128}, "data": {"truncate": "left"}},
+                       home=tmp_path)
+    assert (cfg.task.max_new_tokens, cfg.data.truncate) == (128, "left")
+    default = parse_config({"task": {"name": "qa"}}, home=tmp_path)
+    assert (default.task.max_new_tokens, default.data.truncate) == (None, "error")
+    with pytest.raises(ConfigError) as err:
+        parse_config({"task": {"name": "classification", "max_new_tokens": 8}, "data": {"truncate": "middle"}},
+                     home=tmp_path)
+    assert "task.max_new_tokens does not apply to task 'classification'" in str(err.value)
+    assert "data.truncate: Input should be 'error', 'left' or 'right'" in str(err.value)
+    for bad in ({"name": "text", "max_new_tokens": 8}, {"name": "qa", "max_new_tokens": 0}):
+        with pytest.raises(ConfigError, match="task.max_new_tokens"):
+            parse_config({"task": bad}, home=tmp_path)
+
+
 def test_dotted_overrides_parse_yaml_scalars():
     raw = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=3e-4", "method.lora.r=4", "scaling.use_gpu=true",
                                                      "method.lora.target_modules=[q_proj, v_proj]"])
@@ -94,7 +112,7 @@ SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "k8s" 
 
 def load_shipped(path: Path, home: Path):
     """Load one shipped config with the loader its kind uses at run time (all problems at once)."""
-    from lorafleet.compare import load_compare_config
+    from lorafleet.config.compare import load_compare_config
     from lorafleet.config.serve import load_settings
     from lorafleet.sweep.spec import load_sweep
 

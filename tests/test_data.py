@@ -77,3 +77,50 @@ def test_prompt_contract_uses_chat_template(base_model):
     tok = load_tokenizer(str(base_model))
     text = tok.decode(prompt_ids(tok, "Say hi.\nAnswer:\n"))
     assert text.startswith("<|user|>\nSay hi.") and text.endswith("<|assistant|>\n")
+
+
+def test_truncate_left_keeps_the_answer_right_keeps_the_start(base_model):
+    """data.truncate: 'left' drops the start of the prompt and keeps every answer token, 'right' keeps
+    the first max_seq_len tokens (the answer's end goes); 'error' stays the error it was, now naming
+    the option; a row cut down to no answer token is an error, never a row that trains on nothing."""
+    tok = load_tokenizer(str(base_model))
+    task = get_task("summarization")
+    [ex] = read_split("synthetic", task, "train", synthetic_n=1)
+    prompt = prompt_ids(tok, task.instruction(ex.row))
+    target = target_ids(tok, task.target(ex.row))
+    [full] = encode_rows(tok, task, [ex], 1024)
+    assert full["input_ids"] == prompt + target and len(target) > 4
+    n = len(prompt) + len(target) - 3  # 3 tokens too long
+
+    [left] = encode_rows(tok, task, [ex], n, truncate="left")
+    assert left["input_ids"] == (prompt + target)[3:] and left["labels"] == full["labels"][3:]
+    assert left["labels"][-len(target):] == target  # the whole answer, EOS included
+    [right] = encode_rows(tok, task, [ex], n, truncate="right")
+    assert right["input_ids"] == (prompt + target)[:n] and right["labels"][len(prompt):] == target[:-3]
+
+    with pytest.raises(DataError, match=rf"synthetic:summarization:train:0: {n + 3} tokens, over "
+                       rf"data.max_seq_len={n}; shorten the row or raise data.max_seq_len, or set data.truncate"):
+        encode_rows(tok, task, [ex], n)
+    with pytest.raises(DataError, match=r"synthetic:summarization:train:0: .*data.truncate='right' leaves none of "
+                       r"its answer tokens: use data.truncate 'left' or raise data.max_seq_len"):
+        encode_rows(tok, task, [ex], len(prompt), truncate="right")  # the prompt alone fills it
+    [prompt_cut] = encode_rows(tok, task, [ex], len(prompt), truncate="left")
+    assert prompt_cut["input_ids"] == (prompt + target)[-len(prompt):]
+
+
+def test_the_run_encodes_with_its_truncate_setting(base_model, tmp_path):
+    """RunContext.encode passes data.truncate to every split it encodes (train, and the length check
+    of validation and test)."""
+    from lorafleet.config import parse_config
+    from lorafleet.train.context import RunContext
+
+    tok = load_tokenizer(str(base_model))
+    task = get_task("summarization")
+    splits = {s: read_split("synthetic", task, s, synthetic_n=2) for s in ("train", "validation", "test")}
+    cfg = parse_config({"task": {"name": "summarization"}, "data": {"max_seq_len": 32}}, home=tmp_path)
+    with pytest.raises(DataError, match="over data.max_seq_len=32"):
+        RunContext(cfg, task, None, splits, None).encode(tok)
+    cfg.data.truncate = "left"
+    encoded = RunContext(cfg, task, None, splits, None).encode(tok)
+    assert [len(e["input_ids"]) for e in encoded] == [32, 32]
+    assert all(e["labels"][-1] == tok.eos_token_id for e in encoded)

@@ -11,12 +11,12 @@ import contextlib
 import pytest
 import torch
 
-from lorafleet.checkpoint import save_artifact
+from lorafleet.train.checkpoint import save_artifact
 from lorafleet.config import parse_config
 from lorafleet.evaluate import evaluate_rows, load_for_eval
-from lorafleet.methods import HeadClassifier
-from lorafleet.precision import Precision, training_precision
-from lorafleet.steps import build_model, optimizer_steps
+from lorafleet.head import HeadClassifier
+from lorafleet.train.precision import Precision, training_precision
+from lorafleet.train.steps import build_model, optimizer_steps
 from lorafleet.tasks import get_task
 
 LABELS = ["billing", "technical", "account", "shipping"]
@@ -195,28 +195,32 @@ def test_every_rung_of_the_classification_ladder_in_bf16(home, env, tmp_path):
 
 
 def test_fsdp_full_step_in_bf16_keeps_fp32_master_weights(base_model, tmp_path):
-    # One rank, gloo, no Ray: the FSDP wrapper as a worker builds it, with MixedPrecision.
+    # One rank, gloo, no Ray: the FSDP2 model as a worker builds it, with its MixedPrecisionPolicy.
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from helpers import free_port
-    from lorafleet.steps import wrap_model
+    from lorafleet.train.fsdp import shard_model
 
     cfg = _cfg(base_model, tmp_path, dtype="bfloat16")
     cfg.scaling.strategy = "fsdp"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         device = torch.device("cpu")
-        model = wrap_model(build_model(cfg, None), cfg, device)
-        assert model.mixed_precision.param_dtype == torch.bfloat16
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model = shard_model(cfg, device)
+        gathered = []  # the dtype the forward sees: FSDP2 gathers the parameters in the compute dtype
+        layer = next(m for n, m in model.named_modules() if n.endswith("up_proj"))
+        layer.register_forward_pre_hook(lambda m, args: gathered.append(m.weight.dtype))
+        before = {n: p.detach().full_tensor().clone() for n, p in model.named_parameters()}
         params, optimizer, scheduler = _setup(model, cfg)
         precision = training_precision(cfg.model.dtype, device, sharded=True)
         list(optimizer_steps(model, _batches(1), cfg, device=device, optimizer=optimizer, scheduler=scheduler,
                              params=params, precision=precision))
+        assert gathered and set(gathered) == {torch.bfloat16}
         for name, p in model.named_parameters():
-            assert p.dtype == torch.float32
+            assert isinstance(p, DTensor) and p.dtype == torch.float32
             if name.endswith("up_proj.weight"):
-                assert (p.detach() != before[name]).float().mean().item() > 0.9
+                assert (p.detach().full_tensor() != before[name]).float().mean().item() > 0.9
     finally:
         dist.destroy_process_group()
 

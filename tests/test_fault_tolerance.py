@@ -1,5 +1,6 @@
 """Failures: a killed training worker resumes from the last checkpoint (Ray Train FailureConfig),
-and a killed driver is continued with `lorafleet train --resume RUN_DIR` (a sharded FSDP run).
+and a killed driver is continued with `lorafleet train --resume RUN_DIR` (a sharded FSDP run). A
+sharded run resumed after a killed worker trains on exactly what an uninterrupted run trains on.
 
 Ray registers a checkpoint only once every worker has reported it, so these tests kill only after
 the checkpoint shows up in Ray's checkpoint_manager_snapshot.json: the bound we promise is "at
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import LORAFLEET, REPO, last_json, stop_tree
+from helpers import LORAFLEET, REPO, last_json, run_cli, stop_tree
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ def test_killed_worker_resumes_from_last_checkpoint(env, home):
 
 def test_killed_driver_continues_with_resume(env, home):
     # Sharded full fine-tuning here (the killed-worker test above covers LoRA under DDP): resuming
-    # must re-shard the checkpoint's full optimizer state onto both ranks.
+    # reads each rank's shards of the weights and optimizer state back (torch.distributed.checkpoint).
     run_name = f"kill-driver-{uuid.uuid4().hex[:6]}"
     run_dir = home / "runs" / run_name
     proc = _start(["train", "configs/tiny/classification-lora.yaml", "--quiet",
@@ -144,6 +145,41 @@ def test_killed_driver_continues_with_resume(env, home):
     assert summary["steps"] == 60 and summary["registered"] == "kill-driver@1" and summary["method"] == "full"
     resumed = [r for r in _log(run_dir) if r["resumed_from"] is not None]
     assert resumed and resumed[0]["resumed_from"] >= registered
+
+
+def test_sharded_run_resumed_after_a_killed_worker_takes_the_same_steps(env, home):
+    # Issue 30: a 2-rank FSDP2 full run checkpoints with DCP (every rank its shards); a worker is killed
+    # after that checkpoint; the restarted run reads its shards, optimizer state, schedule and data
+    # position back, so its next 5 steps have an uninterrupted run's losses (same seed, same data order).
+    args = ["train", "configs/tiny/classification-lora.yaml", "--quiet", "--json", *SMALL,
+            "--set", "method.name=full", "--set", "scaling.strategy=fsdp", "--set", "train.lr=5e-4"]
+    env = {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}  # as in the killed-worker test above
+    whole = last_json(run_cli([*args, "--set", "name=sharded-whole"], env, timeout=600).stdout)
+    want = {r["step"]: r["loss"] for r in _log(Path(whole["run_dir"]))}
+
+    run_name = f"sharded-kill-{uuid.uuid4().hex[:6]}"
+    run_dir = home / "runs" / run_name
+    proc = _start([*args, "--set", "name=sharded-kill", "--set", f"run.name={run_name}"], env)
+    registered = _wait_for_checkpoint(proc, run_dir, before_next=True)
+    files = sorted(p.name for p in (_checkpoint_dir(run_dir, registered) / "shards").iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"], files
+    _train_workers(proc)[-1].kill()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert last_json(out)["steps"] == MAX_STEPS
+
+    resumed = [r for r in _log(run_dir) if r["resumed_from"] is not None]
+    assert resumed, "the run never restarted: was the worker really killed?"
+    start = resumed[0]["resumed_from"]
+    got = {r["step"]: r["loss"] for r in resumed if start < r["step"] <= start + 5}
+    assert sorted(got) == list(range(start + 1, start + 6))
+    assert got == pytest.approx({s: want[s] for s in got}, abs=1e-4)
+
+
+def _checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint Ray registered at `step`."""
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    return run_dir / next(r["checkpoint_dir_name"] for r in snap if r["metrics"]["step"] == step)
 
 
 def test_reusing_a_run_folder_needs_resume(env, home):

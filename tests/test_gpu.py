@@ -12,8 +12,8 @@ import torch
 from helpers import last_json, run_cli
 from lorafleet.config import parse_config
 from lorafleet.evaluate import evaluate_rows, load_for_eval, run_device
-from lorafleet.precision import training_precision
-from lorafleet.steps import build_model, optimizer_steps
+from lorafleet.train.precision import training_precision
+from lorafleet.train.steps import build_model, optimizer_steps
 from lorafleet.tasks import get_task
 
 pytestmark = [

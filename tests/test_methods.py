@@ -5,7 +5,8 @@ import torch
 
 from lorafleet.base_model import load_model
 from lorafleet.config import MethodConfig
-from lorafleet.methods import HeadClassifier, apply_method, count_params, decoder_layers
+from lorafleet.head import HeadClassifier
+from lorafleet.train.methods import apply_method, count_params, decoder_layers
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ pytest.importorskip("vllm")
 
 API_KEY = "test-key-123"
 MAX_NEW = 12
+SCHEMATHESIS_EXAMPLES = 30  # fuzzed requests per operation, after the coverage phase (see its test)
 TEXTS = [
     "my package has not arrived",
     "I forgot my password and cannot log in",
@@ -223,6 +224,49 @@ def test_healthz_says_starting_until_the_engine_answers(stack):
     assert all(body == {"status": "ok", "model": "tiny"} for code, body in answers if code == 200), answers
     first_ok = next((i for i, (code, _) in enumerate(answers) if code == 200), len(answers))
     assert all(code == 200 for code, _ in answers[first_ok:]), answers
+
+
+def test_a_loopback_server_opens_nothing_else_to_the_network(stack):
+    """Issue 32 item 2: served on 127.0.0.1, every socket the server's processes listen on (TCP, and
+    UDP sockets tied to no peer) is on loopback: HAProxy's HTTP frontend (its stats page and
+    Prometheus frontend are off), Ray's own servers, the replicas' gRPC servers, vLLM's. Before: HAProxy
+    also on *:8404 and :9101 and a UDP socket on 0.0.0.0 (its syslog target), Ray's GCS, raylet,
+    workers and agents on every interface (the machine's address), each replica's gRPC server on
+    [::]. HAProxy's admin socket is its owner's alone (it was mode 666 under /tmp/haproxy-serve)."""
+    import ipaddress
+    import socket as socket_module
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    root = psutil.Process(stack["pid"])
+    opened = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            name, conns = proc.name(), proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if (c.type == socket_module.SOCK_STREAM and c.status == psutil.CONN_LISTEN) or \
+                    (c.type == socket_module.SOCK_DGRAM and not c.raddr):
+                opened.append((name, c.laddr.ip, c.laddr.port))
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    port = urlsplit(stack["url"]).port
+    assert ("haproxy", "127.0.0.1", port) in opened, opened
+    assert {"gcs_server", "raylet"} <= {name for name, _, _ in opened}, opened  # Ray's own are in the list
+    assert not [o for o in opened if not loopback(o[1])], opened
+    print(f"{len(opened)} listening sockets, all on loopback: {sorted(opened)}")
+
+    folder = Path(f"/tmp/lorafleet-hap-{stack['pid']}")
+    admin = list(folder.glob("*/admin.sock"))
+    assert folder.stat().st_mode & 0o777 == 0o700 and admin, list(folder.rglob("*"))
+    assert all(a.stat().st_mode & 0o777 == 0o600 for a in admin)
+    cfg = next(folder.glob("*/haproxy.cfg")).read_text()
+    assert "listen stats" not in cfg and "frontend prometheus" not in cfg and "mode 600 level admin" in cfg
 
 
 def test_completions_equal_transformers_peft_in_one_mixed_batch(stack, reference):
@@ -473,39 +517,31 @@ def test_openapi_schema_has_task_models(stack):
 
 
 def test_schemathesis_finds_no_5xx_and_every_answer_fits_the_served_openapi(stack):
-    """Schemathesis against the served /openapi.json: generated requests (valid and not) on every
-    operation, bounded at 10 examples each, seeded (derandomize) so a run is reproducible. Checks: no
-    5xx, and each answer's status, content type and body are what the schema documents. (Its first
-    run found a 500: a chat message shaped as openai_harmony's Message; limits.check_openai_request.)
-    Schemathesis' pytest plugin does not load under this pytest, so operations are driven here."""
-    import hypothesis
+    """Schemathesis against the served /openapi.json (test_serving_errors.run_schemathesis): its
+    coverage phase on both OpenAI routes (deterministic: each field missing, null, of each wrong type,
+    at and past its bounds; about 2,300 requests, a few hundred of them generating), then
+    SCHEMATHESIS_EXAMPLES fuzzed requests per operation, valid and invalid, seeded. Checks: no 5xx,
+    and each answer's status, content type and body are what the schema documents. Its first run
+    (10 valid examples per operation) found a 500: a chat message shaped as openai_harmony's Message
+    (limits.check_openai_request). It missed ``"messages": null`` (a 500 until issue 32 item 4), which
+    the coverage phase sends; test_serving_errors.py runs the same over the app without Ray."""
     import schemathesis
     from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
+
+    from test_serving_errors import run_schemathesis
 
     auth = {"Authorization": f"Bearer {API_KEY}"}
     schema = schemathesis.openapi.from_url(f"{stack['url']}/openapi.json", headers=auth)
     checks = [not_a_server_error, response_schema_conformance, content_type_conformance]
-    failures, calls = [], Counter()
-
-    def fuzz(op) -> None:
-        @hypothesis.settings(max_examples=10, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=list(hypothesis.HealthCheck))
-        @hypothesis.given(case=op.as_strategy())
-        def call(case):
-            calls[op.label] += 1
-            case.call_and_validate(base_url=stack["url"], headers=auth, timeout=60, checks=checks)
-
-        call()
-
-    for result in schema.get_all_operations():
-        op = result.ok()
-        try:
-            fuzz(op)
-        except Exception as exc:  # Schemathesis' FailureGroup: the failing request and a curl to replay it
-            failures.append(f"{op.label}: {str(exc)[:2000]}")
+    started = time.time()
+    failures, calls = run_schemathesis(
+        schema, lambda case: case.call_and_validate(base_url=stack["url"], headers=auth, timeout=60, checks=checks),
+        coverage={"POST /v1/completions", "POST /v1/chat/completions"}, max_examples=SCHEMATHESIS_EXAMPLES)
+    print(f"schemathesis: {sum(calls.values())} requests in {time.time() - started:.0f} s: {dict(calls)}")
     assert not failures, "\n\n".join(failures)
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/classify", "POST /v1/summarize",
             "POST /v1/translate", "POST /v1/qa", "GET /v1/models"} <= set(calls), calls
+    assert calls["POST /v1/chat/completions"] > 1000, calls  # the coverage phase ran
     assert "unhandled error" not in (stack["home"] / "serve.log").read_text()
 
 
@@ -595,3 +631,60 @@ def test_dora_and_foreign_base_adapters_are_refused(stack):
         assert "tickets-lora" in listed and "dora-lora" not in listed and "foreign-lora" not in listed
         out = _complete(c, "tickets-lora", stack["prompts"][0])
     assert out["model"] == "tiny:tickets-lora@1" and out["choices"][0]["token_ids"]
+
+
+# Last in the module: it kills the module's server.
+def test_a_server_that_died_hard_leaves_haproxy_on_its_port_and_the_next_start_stops_it(stack):
+    """Issue 32 item 3. Every process of the server but HAProxy is SIGKILLed at once, so nothing of
+    Ray's runs its cleanup (a SIGKILL of the CLI alone, or of its process group, lets Ray's workers
+    stop HAProxy as they exit): HAProxy lives on, orphaned, holding the HTTP port. The next
+    `lorafleet serve` on that port finds it before Ray starts, stops it, says so, and serves; before,
+    its own HAProxy failed with Ray's "HAProxy crashed during startup ... Address already in use"."""
+    import socket
+
+    import psutil
+
+    from lorafleet.serving.haproxy import folder_for
+
+    root = psutil.Process(stack["pid"])
+    family = root.children(recursive=True)
+    haproxies = [p for p in family if p.name() == "haproxy"]
+    assert haproxies, [p.name() for p in family]
+    rest = [root, *(p for p in family if p not in haproxies)]
+    for proc in rest:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(rest, timeout=60)
+    assert not alive, alive
+    time.sleep(2)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in haproxies)  # orphaned
+    port = int(stack["url"].rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.socket() as sock:  # still holding the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+
+    log_path = stack["home"] / "serve-after-kill.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.time()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([LORAFLEET, "serve", str(stack["home"] / "serve.yaml"), "--home", str(stack["home"]),
+                                 "--num-cpus", "4"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_ready(proc, log_path, port, started)
+            print(f"the next lorafleet serve ready in {time.time() - started:.1f} s")
+            text = log_path.read_text()
+            pids = ", ".join(str(p.pid) for p in haproxies)
+            assert f"stopped HAProxy {pids} on port {port}, left behind by lorafleet serve {stack['pid']}" in text, \
+                text[-3000:]
+            assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in haproxies)
+            assert not folder_for(stack["pid"]).exists()
+            with _client(stack) as c:
+                assert c.get("/healthz").json() == {"status": "ok", "model": "tiny"}
+                out = _complete(c, "tickets-lora", stack["prompts"][0])
+            assert out["model"] == "tiny:tickets-lora@1" and out["choices"][0]["token_ids"]
+        finally:
+            stop_tree(proc, signal.SIGTERM, wait=90)
+    assert proc.returncode == 0 and not folder_for(proc.pid).exists()  # a clean stop removes its folder

@@ -26,6 +26,7 @@ from test_serving import (  # noqa: F401
     stream_to_end,
     test_healthz_open_and_models_listed,
     test_healthz_says_starting_until_the_engine_answers,
+    test_a_loopback_server_opens_nothing_else_to_the_network,
     test_completions_equal_transformers_peft_in_one_mixed_batch,
     test_64_concurrent_requests_over_two_adapters_and_base,
     test_bad_inputs_get_their_status_codes,

@@ -290,12 +290,14 @@ def test_fast_path_env_names_exist_in_ray_serve():
     silent no-op)."""
     import inspect
 
+    from ray._private import ray_constants
     from ray.serve._private import constants
 
-    from lorafleet.cli.serve import LOCAL_SERVE_ENV, SERVE_FAST_PATH_ENV
+    from lorafleet.serving.local import LOCAL_SERVE_ENV, SERVE_FAST_PATH_ENV
+    from lorafleet.serving.haproxy import haproxy_env
 
-    source = inspect.getsource(constants)
-    for key in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}:
+    source = inspect.getsource(constants) + inspect.getsource(ray_constants)
+    for key in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV, **haproxy_env(Path("/tmp/x"))}:
         assert f'"{key}"' in source, key
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
-from lorafleet.tasks import TASK_NAMES, Task, get_task, pretraining_corpus, render_prompt
+from lorafleet.tasks import SERVED_TASKS, TASK_NAMES, TASK_ROUTES, Task, get_task, pretraining_corpus, render_prompt
 from lorafleet.tasks import translation
 
 SPLITS = ("train", "validation", "test")
@@ -39,12 +41,42 @@ def test_task_names_and_unknown_name() -> None:
         get_task("nope")
 
 
+def test_served_tasks_and_their_routes() -> None:
+    assert TASK_ROUTES == {"classification": "/v1/classify", "summarization": "/v1/summarize",
+                           "translation": "/v1/translate", "qa": "/v1/qa"}
+    assert SERVED_TASKS == tuple(TASK_ROUTES) and set(SERVED_TASKS) < set(TASK_NAMES)
+    # `lorafleet ask` and the demo send the text under the task's first field: the request's field name.
+    assert {name: get_task(name).fields[0] for name in SERVED_TASKS} == {
+        "classification": "text", "summarization": "text", "translation": "text", "qa": "question"}
+
+
+def test_importing_tasks_loads_no_metric_stack() -> None:
+    """Configs, the CLI and serving read task names and routes from here: that must not cost the
+    metric stacks' import (rouge_score pulls nltk and absl, ~2 s); they load when a task scores."""
+    code = ("import sys, lorafleet.tasks; "
+            "print(sorted(m for m in ('nltk', 'rouge_score', 'sacrebleu', 'absl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_task_attributes(task: Task) -> None:
     assert task.mode == "max"
     assert task.max_new_tokens > 0
     assert INPUT_FIELD[task.name] in task.fields
     assert task.primary_metric in task.score([], []) or task.name == "classification"
     assert (task.labels != ()) == (task.name == "classification")
+
+
+def test_get_task_applies_the_configured_budget() -> None:
+    """A config's task.max_new_tokens replaces the task's own budget (what evaluation, validation, the
+    prompt lab and serving generate up to); without it the defaults stay as they were."""
+    from lorafleet.config import TaskConfig
+
+    assert {name: get_task(name).max_new_tokens for name in ("qa", "instruction", "summarization", "translation")} \
+        == {"qa": 16, "instruction": 24, "summarization": 48, "translation": 48}
+    assert get_task(TaskConfig(name="summarization", max_new_tokens=128)).max_new_tokens == 128
+    assert get_task(TaskConfig(name="qa", instruction="Answer briefly.", max_new_tokens=5)).max_new_tokens == 5
+    assert get_task(TaskConfig(name="translation")).max_new_tokens == 48
 
 
 def test_synthetic_is_deterministic(task: Task) -> None:

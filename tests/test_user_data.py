@@ -17,7 +17,8 @@ import pytest
 
 from lorafleet.config import parse_config
 from lorafleet.data import DataError, read_split
-from lorafleet.run import read_rows, resolve_labels, run_metadata, task_labels
+from lorafleet.train.context import read_rows, resolve_labels, task_labels
+from lorafleet.train.results import run_metadata
 from lorafleet.tasks import get_task
 
 DATA = Path(__file__).parent / "data"
@@ -216,7 +217,7 @@ SHORT = {"train": {"max_steps": 3, "eval_every": 3, "eval_samples": 4, "batch_si
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classification", "translation", "chat"])
 def test_user_files_train_and_register_with_their_contract(kind, home, ray_local):
-    from lorafleet.finetune import finetune
+    from lorafleet.train.recipe import finetune
     from lorafleet.registry import Registry
 
     if kind == "classification":
@@ -238,3 +239,28 @@ def test_user_files_train_and_register_with_their_contract(kind, home, ray_local
         assert set(summary.test_metrics) == {"bleu", "chrf"}
     else:
         assert meta["task"] == "instruction" and set(summary.test_metrics) == {"exact_match", "token_f1"}
+
+
+@pytest.mark.slow
+def test_a_gpu_run_is_never_scored_on_a_cpu_driver(home, ray_local, monkeypatch, capsys):
+    # Issue 30 item 6: `lorafleet eval`, the prompt lab (and a sweep's winner) of a GPU run score in a Ray
+    # task holding a GPU, where the run's model lives; on a cluster without one that is an error naming
+    # the fix, never hours of the model on the driver's CPU, nor a task waiting forever for a GPU.
+    from lorafleet.cli import main
+    from lorafleet.cluster import NoAcceleratorError
+    from lorafleet.config import load_config
+    from lorafleet.evaluate import evaluate_artifact
+    from lorafleet.config.prompts import PromptTemplate
+    from lorafleet.prompts import run_prompt_lab
+
+    config = str(Path(__file__).parents[1] / "configs" / "tiny" / "classification-lora.yaml")
+    gpu = ["scaling.use_gpu=true"]
+    with pytest.raises(NoAcceleratorError, match="scaling.use_gpu=false"):
+        evaluate_artifact("base", config=config, overrides=gpu, home=home, limit=2)
+    with pytest.raises(NoAcceleratorError, match="has none"):
+        run_prompt_lab(load_config(config, gpu, home), [PromptTemplate(name="plain", k=0)], limit=2)
+    monkeypatch.setenv("LORAFLEET_HOME", str(home))
+    assert main(["eval", "base", "--config", config, "--set", "scaling.use_gpu=true", "--limit", "2"]) == 2
+    assert "error: _score_artifact: the run trained on GPUs" in capsys.readouterr().err
+    # The same run on CPU scores where it is.
+    assert evaluate_artifact("base", config=config, home=home, limit=2)["rows"] == 2

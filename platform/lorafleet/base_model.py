@@ -3,7 +3,7 @@
 No hub access is needed: the tokenizer is trained on the bundled corpus and the model is a
 seeded `LlamaForCausalLM`, saved in Hugging Face format (safetensors, tokenizer files, a chat
 template) so transformers, peft and vLLM load it unchanged. `lorafleet base build` then gives it
-a short full pre-training pass on the same corpus (a Ray Train run; see `lorafleet.finetune`).
+a short full pre-training pass on the same corpus (a Ray Train run; see `lorafleet.train.recipe`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ __all__ = [
     "install_build",
     "load_model",
     "load_tokenizer",
+    "model_folder",
+    "model_skeleton",
 ]
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
@@ -131,6 +133,18 @@ def load_model(
     )
 
 
+def model_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model of `name_or_path` built from its config.json alone: parameters on the meta device (no
+    memory, no weights read), buffers (e.g. rotary frequencies, computed from the config) real, on the CPU.
+    Sharded training builds this on every rank and receives its shards of the weights afterwards."""
+    from accelerate import init_empty_weights  # a dependency of peft
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+
+
 # --- the base model's fingerprint (recorded with every registered artifact, checked by serving) ------
 
 FINGERPRINT_COVERS = (
@@ -142,7 +156,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SAMPLE = 64 * 1024
 
 
-def _model_folder(name_or_path: str | Path) -> Path | None:
+def model_folder(name_or_path: str | Path) -> Path | None:
     """A local model folder, or a hub id's snapshot already in the HF cache; None otherwise (never downloads)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -167,7 +181,7 @@ def base_fingerprint(name_or_path: str | Path) -> str | None:
     the same architecture but different training differ, while a copy of a folder (another path)
     matches. Returns None when there is no local folder with a config.json (e.g. a hub id not cached).
     """
-    folder = _model_folder(name_or_path)
+    folder = model_folder(name_or_path)
     if folder is None or not (folder / "config.json").is_file():
         return None
     digest = hashlib.sha256()

@@ -9,7 +9,7 @@ device-hour). Nothing in a ladder report is typed in.
                         the query for few_shot); one Ray task each, on one device
   feature               frozen-model features + logistic regression (classification only)
   head                  a linear head on the frozen model (classification only)
-  partial, lora, full   Ray Train runs of `lorafleet.finetune`
+  partial, lora, full   Ray Train runs of `lorafleet.train.recipe.finetune`
 
 A compare config is a base training config (a YAML path and/or inline keys), the rungs, per-rung
 overrides (e.g. a lower lr for full), few-shot k and the price per device-hour; see
@@ -28,52 +28,50 @@ from typing import Any, Callable
 import yaml
 
 from lorafleet.config import FinetuneConfig, registry_root
-from lorafleet.config.compare import (
-    CLASSIFICATION_ONLY,
-    PROMPT_RUNGS,
-    RUNGS,
-    CompareConfig,
-    Ladder,
-    load_compare_config,
-    parse_compare_config,
-)
-from lorafleet.run import dir_bytes, init_ray, read_rows, task_labels
+from lorafleet.config.compare import PROMPT_RUNGS, RUNGS, Ladder
+from lorafleet.cluster import init_ray
+from lorafleet.train.clusters import Cluster, running_cluster
+from lorafleet.train.context import read_rows, task_labels
+from lorafleet.train.plan import refuse_misfits
+from lorafleet.train.results import Measures, dir_bytes
 from lorafleet.tasks import get_task
 
-# Its own names, then the config's, re-exported (callers import them from here).
-__all__ = ["RungResult", "new_output_dir", "run_rung", "run_ladder", "rank_rows",
-           "RUNGS", "PROMPT_RUNGS", "CLASSIFICATION_ONLY", "CompareConfig", "Ladder",
-           "load_compare_config", "parse_compare_config"]
+__all__ = ["RungResult", "failed_rung", "new_output_dir", "rank_rows", "refuse_rung_misfits", "run_ladder", "run_rung"]
 
 
-@dataclass
-class RungResult:
-    """What one rung measured."""
+@dataclass(kw_only=True)
+class RungResult(Measures):
+    """What one rung measured: a run's measures (`lorafleet.train.results.Measures`) plus the
+    ladder's own columns."""
 
     rung: str
     kind: str  # "prompt" | "train"
     method: str
     metric: str  # the task's primary metric
-    value: float
-    test_metrics: dict[str, float]
-    trainable_params: int
-    total_params: int
-    wall_time_s: float
-    peak_memory_mb: float
-    artifact_bytes: int
-    tokens_per_s: float
+    value: float | None  # None for a rung that failed
     devices: int
     device_hours: float
     cost: float
-    steps: int = 0
     rank: int = 0
-    run_dir: str | None = None
-    artifact_dir: str | None = None
-    registered: str | None = None
     notes: str = ""
+    status: str = "ok"  # "failed": the rung raised (out of memory, infeasible, ...); `notes` says why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def failed_rung(rung: str, ladder: Ladder, err: BaseException) -> RungResult:
+    """The row of a rung that failed: its reason, and no measures (ranked after every rung that ran)."""
+    cfg = ladder.rungs[rung]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # Ray's errors end with the root cause ("ValueError: ..."), after the tracebacks.
+    reason = f"{type(err).__name__}: {lines[-1] if lines else ''}"
+    return RungResult(
+        rung=rung, kind="prompt" if rung in PROMPT_RUNGS else "train", method=rung if rung not in PROMPT_RUNGS else "prompt",
+        metric=get_task(cfg.task.name).primary_metric, value=None, test_metrics={}, trainable_params=0,
+        total_params=0, wall_time_s=0.0, devices=_devices(cfg, rung), device_hours=0.0, cost=0.0,
+        status="failed", notes=f"failed: {reason[:500]}",
+    )
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -117,8 +115,9 @@ def _prompt_task(cfg_json: dict[str, Any], k: int, test_rows: list[dict], train_
     import torch
 
     from lorafleet.evaluate import load_for_eval
-    from lorafleet.methods import count_params
-    from lorafleet.prompts import PromptTemplate, score_prompt
+    from lorafleet.train.methods import count_params
+    from lorafleet.config.prompts import PromptTemplate
+    from lorafleet.prompts import score_prompt
 
     cfg = FinetuneConfig.model_validate(cfg_json)
     task = get_task(cfg.task)  # the run's labels and instruction line, not the synthetic defaults
@@ -148,7 +147,7 @@ def _run_prompt_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder) -> RungResu
     test_rows = read_rows(cfg, "test")
     train_rows = read_rows(cfg, "train") if k else []
     remote = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0,
-                        max_calls=1)(_prompt_task)
+                        accelerator_type=cfg.scaling.accelerator_type, max_calls=1)(_prompt_task)
     out = ray.get(remote.remote(cfg.model_dump(mode="json"), k, test_rows, train_rows, labels))
     devices = _devices(cfg, rung)
     hours, cost = _cost(out["wall"], devices, ladder.config.price_per_device_hour)
@@ -164,7 +163,7 @@ def _run_prompt_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder) -> RungResu
 
 
 def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Path, progress: bool) -> RungResult:
-    from lorafleet.finetune import finetune
+    from lorafleet.train.recipe import finetune
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.storage_path = str(out_dir / "runs")
@@ -182,13 +181,10 @@ def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Pat
              "full": "every weight"}[rung]
     if rung != "feature":
         notes += f"; lr={cfg.train.lr:g}, {s.steps} steps x {cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum} rows"
+    measures = {**s.measures(), "artifact_bytes": s.artifact_bytes or dir_bytes(artifact), "artifact_dir": str(artifact)}
     return RungResult(
-        rung=rung, kind="train", method=s.method, metric=task.primary_metric,
-        value=s.test_metrics.get(task.primary_metric, 0.0), test_metrics=s.test_metrics,
-        trainable_params=s.trainable_params, total_params=s.total_params, wall_time_s=s.wall_time_s,
-        peak_memory_mb=s.peak_memory_mb, artifact_bytes=s.artifact_bytes or dir_bytes(artifact),
-        tokens_per_s=s.tokens_per_s, devices=devices, device_hours=hours, cost=cost, steps=s.steps,
-        run_dir=s.run_dir, artifact_dir=str(artifact), registered=s.registered, notes=notes,
+        **measures, rung=rung, kind="train", method=s.method, metric=task.primary_metric,
+        value=s.test_metrics.get(task.primary_metric, 0.0), devices=devices, device_hours=hours, cost=cost, notes=notes,
     )
 
 
@@ -203,14 +199,21 @@ def run_rung(rung: str, ladder: Ladder, out_dir: Path, *, progress: bool = False
 def rank_rows(rows: list[RungResult], mode: str) -> list[RungResult]:
     """Set each row's rank by the metric (best first); ties go to fewer trainable parameters."""
     sign = -1 if mode == "max" else 1
-    order = sorted(rows, key=lambda r: (sign * round(r.value, 6), r.trainable_params, RUNGS.index(r.rung)))
+    order = sorted(rows, key=lambda r: (r.status != "ok", sign * round(r.value, 6) if r.status == "ok" else 0.0,
+                                        r.trainable_params, RUNGS.index(r.rung)))
     for i, r in enumerate(order, start=1):
         r.rank = i
     return rows
 
 
+def refuse_rung_misfits(ladder: Ladder, cluster: Cluster | None) -> None:
+    """Refuse the ladder (PlanError) when the cluster cannot place or hold one of its rungs."""
+    refuse_misfits({f"rung {r}": cfg for r, cfg in ladder.rungs.items()}, cluster, f"ladder {ladder.config.name}",
+                   inference=tuple(f"rung {r}" for r in PROMPT_RUNGS))
+
+
 def run_ladder(ladder: Ladder, out_dir: str | Path | None = None, *, progress: bool = False,
-               log: Callable[[str], None] | None = None) -> tuple[list[RungResult], Path]:
+               log: Callable[[str], None] | None = None, cluster: Cluster | None = None) -> tuple[list[RungResult], Path]:
     """The whole ladder: its folder (with every rung's resolved config, written first), Ray, one
     real run per rung in order, the ranking, and the report (ladder.json, report.md, ladder.png).
 
@@ -219,19 +222,33 @@ def run_ladder(ladder: Ladder, out_dir: str | Path | None = None, *, progress: b
         out_dir: the ladder's folder; default a fresh <output_dir>/<name>-<UTC stamp>.
         progress: show each training rung's live progress bar.
         log: where progress lines go (default stderr).
+        cluster: check every rung against it before anything starts (`--cluster`, `--gpus`); default:
+            against the Ray cluster joined, where what it holds is known.
 
     Returns the rows (in run order, ranked) and the ladder's folder.
+
+    Raises:
+        PlanError: a rung cannot be placed or cannot fit (lorafleet.train.plan); no rung was run.
     """
     from lorafleet.report import write_report
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    refuse_rung_misfits(ladder, cluster)
+    init_ray()  # the cluster this job was submitted to, or a private local instance
+    if cluster is None:
+        refuse_rung_misfits(ladder, running_cluster())
     out_dir = new_output_dir(ladder, out_dir)
     log(f"[compare] {ladder.task.name}: rungs {list(ladder.rungs)} -> {out_dir}")
-    init_ray()  # the cluster this job was submitted to, or a private local instance
     rows: list[RungResult] = []
     for rung in ladder.rungs:
         log(f"[compare] rung {rung}: running")
-        row = run_rung(rung, ladder, out_dir, progress=progress)
+        try:
+            row = run_rung(rung, ladder, out_dir, progress=progress)
+        except Exception as err:  # noqa: BLE001 - one rung's failure (out of memory, infeasible) ends only that rung
+            row = failed_rung(rung, ladder, err)
+            log(f"[compare] rung {rung}: {row.notes}; going on with the next rung")
+            rows.append(row)
+            continue
         log(f"[compare] rung {rung}: {row.metric}={row.value:.4f} trainable={row.trainable_params:,} "
             f"wall={row.wall_time_s:.1f}s peak={row.peak_memory_mb:.0f}MB")
         rows.append(row)

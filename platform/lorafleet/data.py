@@ -9,13 +9,16 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from lorafleet.tasks import Task, render_prompt
 from lorafleet.tasks.base import render_chat
 from lorafleet.uri import download, is_uri
 
-__all__ = ["DataError", "Example", "read_split", "prompt_ids", "target_ids", "chat_ids", "encode_rows", "IGNORE_INDEX"]
+if TYPE_CHECKING:
+    from lorafleet.config import DataConfig
+
+__all__ = ["DataError", "Example", "read_split", "read_data_split", "prompt_ids", "target_ids", "chat_ids", "encode_rows", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (the prompt tokens)
 
@@ -138,6 +141,12 @@ def read_split(
     return out
 
 
+def read_data_split(data: DataConfig, task: Task, split: str) -> list[Example]:
+    """One split as a run's `data:` section names it (the source, field mapping, synthetic size and seed): how training, evaluation and the sweep all read data."""
+    return read_split(getattr(data, split), task, split, fields=data.fields,
+                      synthetic_n=data.synthetic_sizes.get(split), seed=data.seed)
+
+
 def prompt_ids(tokenizer, instruction: str) -> list[int]:
     """Token ids of a prompt under the task's prompt contract (chat template when there is one).
 
@@ -190,13 +199,22 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list
 
 
 def encode_rows(
-    tokenizer, task: Task, examples: list[Example], max_seq_len: int, *, head_labels: list[str] | None = None
+    tokenizer, task: Task, examples: list[Example], max_seq_len: int, *, head_labels: list[str] | None = None,
+    truncate: Literal["error", "left", "right"] = "error",
 ) -> list[dict[str, list[int]]]:
     """Encode examples as input_ids + labels (prompt tokens masked with IGNORE_INDEX).
 
     With `head_labels`, encode for a classification head instead: the prompt only, plus the label's index.
-    An example longer than max_seq_len is an error naming its row, never silently truncated.
+
+    Args:
+        truncate: What an example longer than `max_seq_len` becomes (`data.truncate`): "error" (a
+            DataError naming its row), "left" (its last `max_seq_len` tokens: the start of the prompt
+            goes, the answer stays) or "right" (its first `max_seq_len` tokens: the end of the answer
+            may go). A row that truncation leaves without a single answer token is a DataError, never a
+            row that trains on nothing.
     """
+    if truncate not in ("error", "left", "right"):
+        raise ValueError(f"truncate must be 'error', 'left' or 'right', got {truncate!r}")
     eos = tokenizer.eos_token_id
     out = []
     for ex in examples:
@@ -216,9 +234,23 @@ def encode_rows(
         else:
             ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
         if len(ids) > max_seq_len:
-            raise DataError(
-                f"{ex.where}: {len(ids)} tokens, over data.max_seq_len={max_seq_len}; "
-                "shorten the row or raise data.max_seq_len"
-            )
+            ids, labels = _truncated(ids, labels, max_seq_len, truncate, ex.where, per_token=head_labels is None)
         out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def _truncated(ids: list[int], labels: list[int], max_seq_len: int, truncate: str, where: str, *,
+               per_token: bool) -> tuple[list[int], list[int]]:
+    """An over-long example cut to `max_seq_len` as `truncate` says (`encode_rows`); `labels` are cut
+    with the ids when they are per token (not a head's label index)."""
+    over = f"{where}: {len(ids)} tokens, over data.max_seq_len={max_seq_len}"
+    if truncate == "error":
+        raise DataError(f"{over}; shorten the row or raise data.max_seq_len, or set data.truncate to 'left' or 'right'")
+    keep = slice(len(ids) - max_seq_len, None) if truncate == "left" else slice(None, max_seq_len)
+    ids = ids[keep]
+    if per_token:
+        labels = labels[keep]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError(f"{over}; data.truncate='{truncate}' leaves none of its answer tokens: use "
+                            "data.truncate 'left' or raise data.max_seq_len")
+    return ids, labels

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -23,9 +22,10 @@ from rich.console import Console
 from lorafleet.config import load_config, registry_root
 from lorafleet.data import read_split
 from lorafleet.evaluate import evaluate_artifact
-from lorafleet.finetune import finetune, init_ray
+from lorafleet.cluster import free_port, init_ray
+from lorafleet.train.recipe import finetune
 from lorafleet.report.runs import demo_table
-from lorafleet.tasks import get_task
+from lorafleet.tasks import TASK_ROUTES, get_task
 
 __all__ = ["TASK_CONFIGS", "MODEL_CONFIGS", "run_demo", "train_and_compare", "serve_and_call"]
 
@@ -38,9 +38,6 @@ TASK_CONFIGS = [
 # `make demo MODEL=...`: the tiny base runs every task; the real SmolLM2-135M-Instruct (30 layers on
 # 2 cores, ~5 s a step) runs one, so the demo stays minutes long.
 MODEL_CONFIGS = {"tiny": TASK_CONFIGS, "smollm2": ["configs/smollm2/classification-lora.yaml"]}
-# Task -> (endpoint, request field of the text).
-_ROUTES = {"classification": ("/v1/classify", "text"), "summarization": ("/v1/summarize", "text"),
-           "translation": ("/v1/translate", "text"), "qa": ("/v1/qa", "question")}
 # Piped into a log, rich would fall back to 80 columns and cut the table's cells.
 console = Console() if sys.stdout.isatty() else Console(width=132)
 
@@ -61,31 +58,30 @@ def train_and_compare(path: str, overrides: list[str], home: Path) -> dict[str, 
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _serving(rows: list[dict[str, Any]], home: Path) -> Iterator[str]:
     """A local Ray Serve app with every adapter just trained; yields its URL."""
+    import shutil
+
     import ray
 
-    from lorafleet.cli.serve import use_serve_fast_path
+    from lorafleet.serving.local import private_haproxy, use_serve_fast_path
+    from lorafleet.serving._ray_serve import SETUP_HOOK
 
     use_serve_fast_path()  # as `lorafleet serve` does: HAProxy in front, before this Ray starts
+    haproxy_folder = private_haproxy()  # and that HAProxy as `lorafleet serve` has it (docs/SERVING.md)
     from ray import serve
 
     from lorafleet.serving.app import build_app
 
     adapters = {r["task"]: r["registered"] for r in rows if r["registered"]}
     base_model = _served_base(rows, home)
-    port = _free_port()
+    port = free_port()
     # Serving takes more logical CPUs than training (engine bundle + replica); see docs/SERVING.md.
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       "VLLM_LOGGING_LEVEL": "WARNING"}})
+                                       "VLLM_LOGGING_LEVEL": "WARNING"},
+                          "worker_process_setup_hook": SETUP_HOOK})
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     quiet = {"log_level": "WARNING"}  # Serve's per-request access logs would bury the answers
     try:
@@ -100,6 +96,7 @@ def _serving(rows: list[dict[str, Any]], home: Path) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_folder, ignore_errors=True)
 
 
 def _served_base(rows: list[dict[str, Any]], home: Path) -> str:
@@ -119,7 +116,7 @@ def _call_task_endpoints(url: str, rows: list[dict[str, Any]], home: Path) -> No
             task = get_task(r["task"])
             cfg = load_config(r["config"], [], home)
             row = read_split("synthetic", task, "test", synthetic_n=1, seed=cfg.data.seed)[0].row
-            route, field = _ROUTES[r["task"]]
+            route, field = TASK_ROUTES[r["task"]], task.fields[0]  # the request names the text as rows do
             body = {field: row[field], "adapter": r["registered"]}
             if r["task"] == "qa":
                 body["context"] = row["context"]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from lorafleet.base_model import load_model, load_tokenizer
+from lorafleet.cluster import on_run_accelerator
 from lorafleet.data import prompt_ids, target_ids
-from lorafleet.methods import HeadClassifier, last_token_hidden
+from lorafleet.head import HeadClassifier, last_token_hidden
 from lorafleet.tasks import Task
 
 __all__ = [
@@ -53,9 +54,14 @@ def _right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 def generate(
     model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
-    """Greedy generation from token-id prompts; returns the decoded continuations."""
+    """Greedy generation from token-id prompts; returns the decoded continuations.
+
+    A sharded (FSDP2) model generates on every rank at once, each rank on the same prompts."""
+    from torch.distributed.tensor import DTensor
+
     model.eval()
     device = next(model.parameters()).device
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = _left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id)
@@ -66,6 +72,7 @@ def generate(
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=sharded,  # every rank steps until all are done: each step gathers the weights
         )
         for row in gen[:, ids.shape[1] :]:
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -263,8 +270,8 @@ def evaluate_artifact(
     The artifact's own resolved config supplies base model, task and data unless `config` is given.
     """
     from lorafleet.config import apply_overrides, home_location, load_config, parse_config, registry_root
-    from lorafleet.data import read_split
-    from lorafleet.registry import Registry
+    from lorafleet.data import read_data_split
+    from lorafleet.registry import Registry, RegistryError
     from lorafleet.tasks import get_task
 
     home = home or home_location()  # a folder, or s3://... (its registry is then there)
@@ -277,22 +284,30 @@ def evaluate_artifact(
         registry = Registry(registry_root(home))
         entry = registry.resolve(ref)
         artifact = registry.local_path(entry)  # checked: never score a tampered or half-copied artifact
-        cfg = load_config(config, overrides, home) if config else parse_config(
-            apply_overrides(entry.metadata["config"], overrides or []), f"{entry.ref} metadata", home
-        )
+        if config:
+            cfg = load_config(config, overrides, home)
+        elif entry.meta.config is None:
+            raise RegistryError(f"{entry.ref} records no training config in its metadata; pass --config "
+                                "(the base model, task and data to score it with)")
+        else:
+            cfg = parse_config(apply_overrides(entry.meta.config, overrides or []), f"{entry.ref} metadata", home)
     task = get_task(cfg.task)  # configured: the run's labels, languages and instruction
     labels = list(task.labels) or None
-    sizes = cfg.data.synthetic_sizes
-    examples = read_split(getattr(cfg.data, split), task, split, fields=cfg.data.fields,
-                          synthetic_n=sizes.get(split), seed=cfg.data.seed)
-    rows = [ex.row for ex in examples][:limit]
-    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
-                                           run_device(cfg.scaling.use_gpu))
-    if info["kind"] == "feature":
-        metrics = task.score(_feature_predict(model, tokenizer, task, rows, artifact, info["labels"]), rows)
-    else:
-        metrics = evaluate_rows(model, tokenizer, task, rows, info.get("labels") or labels)
-    result = {"artifact": ref, "kind": info["kind"], "task": task.name, "split": split, "rows": len(rows), "metrics": metrics}
+    rows = [ex.row for ex in read_data_split(cfg.data, task, split)][:limit]
+    # Where the run's model lives: a GPU run is scored in a Ray task holding a GPU, not on this process.
+    score = on_run_accelerator(_score_artifact, use_gpu=cfg.scaling.use_gpu, cpus=cfg.scaling.cpus_per_worker)
+    kind, metrics = score(artifact, cfg, task, rows, labels)
+    result = {"artifact": ref, "kind": kind, "task": task.name, "split": split, "rows": len(rows), "metrics": metrics}
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _score_artifact(artifact: Path | None, cfg: Any, task: Task, rows: list[dict[str, Any]],
+                    labels: list[str] | None) -> tuple[str, dict[str, float]]:
+    """(kind, metrics) of `artifact` (None: the base model) on `rows`, on the run's device."""
+    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
+                                           run_device(cfg.scaling.use_gpu))
+    if info["kind"] == "feature":
+        return "feature", task.score(_feature_predict(model, tokenizer, task, rows, artifact, info["labels"]), rows)
+    return info["kind"], evaluate_rows(model, tokenizer, task, rows, info.get("labels") or labels)

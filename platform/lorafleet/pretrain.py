@@ -40,7 +40,7 @@ def build_base(out: str | Path, *, steps: int = 600, num_workers: int = 2, corpu
 
     An earlier build at `out` is replaced once the new one is complete; any other non-empty folder
     there is refused before anything runs (`base_model.check_build_target`): never deleted."""
-    from lorafleet.finetune import finetune
+    from lorafleet.train.recipe import finetune
 
     out = check_build_target(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,20 +14,16 @@ when the prompt would exceed `data.max_seq_len`, so a prompt never gets silently
 from __future__ import annotations
 
 import random
-import string
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from lorafleet.config.prompts import PromptTemplate, template_problems
 from lorafleet.tasks import Task, render_prompt
 
 __all__ = [
-    "PromptTemplate",
     "PromptScore",
     "default_templates",
-    "template_problems",
     "instruction_fn",
     "few_shot_ids",
     "pick_shots",
@@ -36,66 +32,9 @@ __all__ = [
 ]
 
 
-class PromptTemplate(BaseModel):
-    """One query format to try: an instruction wording and a number of in-context examples."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Short label shown in the results table.")
-    instruction: str | None = Field(
-        None,
-        description="Format string over the row's input fields (e.g. '{text}') and '{labels}' "
-        "(the comma-separated label set); must end with a newline. Default: the task's own prompt.",
-    )
-    k: int = Field(0, ge=0, le=64, description="In-context examples (train rows) before the query.")
-
-    @model_validator(mode="after")
-    def _newline(self) -> "PromptTemplate":
-        if self.instruction is not None and not self.instruction.endswith("\n"):
-            raise ValueError(
-                f"template {self.name!r}: the instruction must end with a newline (the prompt contract: "
-                f"the answer starts on the next line); got ...{self.instruction[-20:]!r}"
-            )
-        return self
-
-
 def default_templates(k: int) -> list[PromptTemplate]:
     """The task's own prompt, zero-shot and k-shot."""
     return [PromptTemplate(name="task prompt, 0-shot", k=0), PromptTemplate(name=f"task prompt, {k}-shot", k=k)]
-
-
-def _answer_field(task: Task) -> str:
-    """The row field that holds the answer (the one `task.target` reads)."""
-    row = task.synthetic("train", 1, seed=0)[0]
-    for name in task.fields:
-        if str(row[name]).strip().lower() == task.target(row).strip().lower():
-            return name
-    return task.fields[-1]
-
-
-def template_problems(templates: list[PromptTemplate], task: Task) -> list[str]:
-    """Every problem with `templates` for `task` (unknown or answer-leaking placeholders)."""
-    answer = _answer_field(task)
-    allowed = [f for f in task.fields if f != answer] + (["labels"] if task.labels else [])
-    problems = []
-    for t in templates:
-        if t.instruction is None:
-            continue
-        try:
-            names = {n for _, n, _, _ in string.Formatter().parse(t.instruction) if n is not None}
-        except ValueError as err:
-            problems.append(f"template {t.name!r}: not a valid format string ({err}); write literal braces as {{{{ }}}}")
-            continue
-        for n in sorted(names):
-            if n == answer:
-                problems.append(f"template {t.name!r} uses {{{n}}}, the answer itself; use only {allowed}")
-            elif n not in allowed:
-                problems.append(f"template {t.name!r}: unknown placeholder {{{n}}}; task {task.name!r} rows offer {allowed}")
-    names = [t.name for t in templates]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        problems.append(f"template names must be unique; repeated: {dupes}")
-    return problems
 
 
 def instruction_fn(template: PromptTemplate, task: Task, labels: list[str] | None) -> Callable[[dict[str, Any]], str]:
@@ -237,10 +176,10 @@ def run_prompt_lab(
     Returns:
         One row per template: name, k, metrics, seconds, tokens/s, shots used, a sample prediction.
     """
-    from lorafleet.evaluate import load_for_eval, run_device
-    from lorafleet.run import read_rows, task_labels
+    from lorafleet.cluster import on_run_accelerator
+    from lorafleet.train.context import read_rows, task_labels
 
-    task, labels = task_labels(cfg)
+    task, _ = task_labels(cfg)
     problems = template_problems(templates, task)
     if problems:
         from lorafleet.config import ConfigError
@@ -248,6 +187,18 @@ def run_prompt_lab(
         raise ConfigError("prompt templates", problems)
     test_rows = read_rows(cfg, split)[:limit]
     train_rows = read_rows(cfg, "train") if any(t.k for t in templates) else []
+    # Where the run's model lives: a GPU run is scored in a Ray task holding a GPU, not on this process.
+    score = on_run_accelerator(_score_templates, use_gpu=cfg.scaling.use_gpu, cpus=cfg.scaling.cpus_per_worker)
+    return score(cfg, templates, artifact, test_rows, train_rows, seed)
+
+
+def _score_templates(cfg: Any, templates: list[PromptTemplate], artifact: str | None, test_rows: list[dict[str, Any]],
+                     train_rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """`run_prompt_lab`'s rows, scored on the run's device."""
+    from lorafleet.evaluate import load_for_eval, run_device
+    from lorafleet.train.context import task_labels
+
+    task, labels = task_labels(cfg)
     model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
                                            run_device(cfg.scaling.use_gpu))
     if info["kind"] in ("head", "feature"):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from lorafleet.cli import adapters, compare, serve, sweep, train
+from lorafleet.cli import adapters, compare, plan, serve, sweep, train
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -16,6 +16,7 @@ COMMANDS: dict[str, ModuleType] = {
     "base": train,
     "train": train,
     "eval": train,
+    "plan": plan,
     "adapters": adapters,
     "serve": serve,
     "ask": serve,
@@ -50,16 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; a config, data or registry problem is one `error:` line and exit 2."""
+    """Run one subcommand; a config, data or registry problem (or a GPU run with no GPU to score it on, or
+    a run the cluster cannot place or hold) is one `error:` line and exit 2."""
     args = build_parser().parse_args(argv)
+    from lorafleet.cluster import NoAcceleratorError
     from lorafleet.config import ConfigError, set_home
     from lorafleet.data import DataError
     from lorafleet.registry import RegistryError
+    from lorafleet.train.plan import PlanError
 
     set_home(args.home)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, RegistryError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, RegistryError, NoAcceleratorError, PlanError, FileExistsError,
+            FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_output", "add_overrides", "shutdown_ray"]
+__all__ = ["add_cluster", "add_output", "add_overrides", "cluster_from_args", "shutdown_ray"]
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -17,6 +17,32 @@ def add_output(parser: argparse.ArgumentParser, json_help: str, quiet_help: str 
     parser.add_argument("--json", action="store_true", help=json_help)
     if quiet_help:
         parser.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
+def add_cluster(parser: argparse.ArgumentParser, what: str = "refuse at once what cannot be placed or fit there") -> None:
+    """`--cluster FILE`, `--gpus N`, `--gpu-memory SIZE`: the cluster the memory planner checks against."""
+    parser.add_argument("--cluster", metavar="FILE", help=f"a Ray cluster launcher YAML (cluster.yaml) or a KubeRay "
+                        f"manifest (configs/k8s/raycluster.yaml): {what}")
+    parser.add_argument("--gpus", type=int, metavar="N", help=f"instead of --cluster: N GPUs; {what}")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU (80GiB, 24GB); with --cluster: "
+                        "overrides what its files say")
+
+
+def cluster_from_args(args: argparse.Namespace):
+    """The `lorafleet.train.clusters.Cluster` that --cluster / --gpus / --gpu-memory name, or None."""
+    from lorafleet.config import ConfigError
+    from lorafleet.train.clusters import flag_cluster, parse_size, read_cluster, with_gpu_memory
+
+    if args.cluster and args.gpus:
+        raise ConfigError("--cluster", ["give --cluster FILE or --gpus N, not both"])
+    try:
+        memory = parse_size(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as err:
+        raise ConfigError("--gpu-memory", [str(err)]) from None
+    if args.cluster:
+        cluster = read_cluster(args.cluster)
+        return with_gpu_memory(cluster, memory) if memory else cluster
+    return flag_cluster(args.gpus, args.gpu_memory) if args.gpus or memory else None
 
 
 def shutdown_ray() -> None:

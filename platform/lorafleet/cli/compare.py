@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafleet.cli._args import add_output, add_overrides
+from lorafleet.cli._args import add_cluster, add_output, add_overrides, cluster_from_args
 
 __all__ = ["add_parser", "cmd_compare", "cmd_prompts"]
 
@@ -18,7 +18,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lorafleet.compare import new_output_dir, run_ladder
+    from lorafleet.compare import new_output_dir, refuse_rung_misfits, run_ladder
     from lorafleet.config import default_home
     from lorafleet.config.compare import load_compare_config
     from lorafleet.report import REPORT_FILES
@@ -29,9 +29,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"{rung}: method={cfg.method.name} steps={cfg.train.max_steps} lr={cfg.train.lr:g} "
                   f"workers={cfg.scaling.num_workers}")
         return 0
+    cluster = cluster_from_args(args)
+    refuse_rung_misfits(ladder, cluster)  # before the ladder's folder is made
     out_dir = new_output_dir(ladder, args.out)
     _say(f"[compare] {len(ladder.rungs)} rungs -> {out_dir}")
-    rows, out_dir = run_ladder(ladder, out_dir, progress=not (args.quiet or args.json), log=_say)
+    rows, out_dir = run_ladder(ladder, out_dir, progress=not (args.quiet or args.json), log=_say, cluster=cluster)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows]))
     else:
@@ -68,7 +70,8 @@ def _artifact(args: argparse.Namespace, home: Path) -> str | None:
 
 def cmd_prompts(args: argparse.Namespace) -> int:
     from lorafleet.config import default_home, validate
-    from lorafleet.prompts import PromptTemplate, run_prompt_lab
+    from lorafleet.config.prompts import PromptTemplate
+    from lorafleet.prompts import run_prompt_lab
     from lorafleet.report import prompt_table
 
     home = default_home()
@@ -99,6 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="the ladder's folder (default: <output_dir>/<name>-<timestamp>)")
     add_output(p, "print the rows as JSON on stdout (progress goes to stderr)", "no live training progress")
     p.add_argument("--dry-run", action="store_true", help="validate the config and list the rungs; run nothing")
+    add_cluster(p, "refuse at once a ladder with a rung that cannot be placed or fit there")
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("prompts", help="prompt lab: score prompt templates (wording, zero/few-shot) on a model")

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from lorafleet.serving.haproxy import PortTaken, claim_ports, needed_ports
+from lorafleet.tasks import TASK_ROUTES, get_task
 
 __all__ = [
     "add_parser",
@@ -20,45 +24,8 @@ __all__ = [
     "cmd_ask",
     "cmd_rag_index",
     "cmd_rag_search",
-    "LOCAL_SERVE_ENV",
-    "SERVE_FAST_PATH_ENV",
-    "use_serve_fast_path",
     "warn_if_open",
 ]
-
-# Ray Serve's throughput-optimized mode with HAProxy in front: HTTP goes from HAProxy (C) straight
-# to the ingress replica's own HTTP server instead of through Ray's Python proxy actor and an
-# actor call; user code runs on the replica's main event loop; deployment handles use gRPC.
-# Measured on a 2-core CPU machine (bench/SERVE_RESULTS.md): the serving path's CPU per request
-# fell from 31-33 ms to 9-17 ms. Values already in the environment win (the first two "0": Ray's
-# default path).
-SERVE_FAST_PATH_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    # The optimized mode also stops replica logs going to stderr; keep them on the console (access
-    # logs are off in serve/config.yaml, so this is not per request).
-    "RAY_SERVE_LOG_TO_STDERR": "1",
-}
-
-
-# Only for the local Ray that `lorafleet serve` starts on one machine: with direct ingress, a stopping
-# ingress replica stays reachable for 30 s by default so an external load balancer can deregister it,
-# which made every local shutdown wait 30 s. Here the only balancer is Ray's own HAProxy on this
-# machine, which retries a refused connection on another replica (Ray's replica.py,
-# _drain_behind_haproxy); a cluster keeps Ray's default (cluster.yaml does not set it).
-LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-
-
-def use_serve_fast_path() -> None:
-    """Put SERVE_FAST_PATH_ENV and LOCAL_SERVE_ENV into this process's environment (values already
-    set win).
-
-    Every Ray process reads these when it starts: call this before the local Ray that will serve is
-    started (``ray.init``) and before ``ray.serve`` is imported here.
-    """
-    for key, value in {**SERVE_FAST_PATH_ENV, **LOCAL_SERVE_ENV}.items():
-        os.environ.setdefault(key, value)
-
 
 # Hosts that accept connections from other machines (any address, IPv4 or IPv6).
 _OPEN_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -78,12 +45,8 @@ def warn_if_open(host: str, api_keys: list[str]) -> bool:
     return True
 
 
-_TASK_ROUTES = {
-    "classify": ("/v1/classify", "text"),
-    "summarize": ("/v1/summarize", "text"),
-    "translate": ("/v1/translate", "text"),
-    "qa": ("/v1/qa", "question"),
-}
+# `lorafleet ask ENDPOINT`: the last part of each task's route (classify, summarize, translate, qa).
+_ASK_TASKS = {route.rsplit("/", 1)[-1]: task for task, route in TASK_ROUTES.items()}
 
 
 def _build(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
@@ -180,9 +143,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http.update({k: v for k, v in (("port", args.port), ("host", args.host)) if v})
     warn_if_open(http["host"], serve_settings.resolved_api_keys())  # an empty key: a ConfigError here
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    haproxy_folder = None
     if not args.address:
+        from lorafleet.serving.local import private_haproxy, use_serve_fast_path
+
         # Before the local Ray starts; a cluster gets these from its `ray start` env (cluster.yaml).
         use_serve_fast_path()
+        haproxy_folder = private_haproxy()
+        try:
+            for note in claim_ports(http["host"], needed_ports(int(http["port"]))):
+                print(note, file=sys.stderr, flush=True)
+        except PortTaken as err:
+            shutil.rmtree(haproxy_folder, ignore_errors=True)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
 
     import ray
     from ray import serve
@@ -192,8 +166,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
+        from lorafleet.serving._ray_serve import SETUP_HOOK
+
         # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        # The setup hook rewrites Ray's haproxy.cfg template in every worker (_ray_serve.py).
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     serving, rc = False, 1
     try:
         app = _build(args, settings)
@@ -215,6 +193,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 # dead already (watch_app's reason is printed): nothing left to shut down
         if not args.address:
             ray.shutdown()
+        if haproxy_folder is not None:
+            shutil.rmtree(haproxy_folder, ignore_errors=True)
     return rc
 
 
@@ -222,7 +202,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     """One request to a running server's task endpoint; prints the JSON answer."""
     import httpx
 
-    route, field = _TASK_ROUTES[args.task]
+    task = _ASK_TASKS[args.task]
+    route, field = TASK_ROUTES[task], get_task(task).fields[0]  # the request names the text as the task's rows do
     body: dict[str, Any] = {field: args.text}
     if args.adapter:
         body["adapter"] = args.adapter
@@ -269,7 +250,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("ask", help="call a running server's task endpoint")
-    p.add_argument("task", choices=sorted(_TASK_ROUTES))
+    p.add_argument("task", choices=sorted(_ASK_TASKS))
     p.add_argument("text", help="the text (for qa: the question)")
     p.add_argument("--adapter", help="registry adapter 'name' or 'name@version' (default: the server's)")
     p.add_argument("--context", help="qa: the passage")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorafleet.cli._args import add_output, add_overrides, shutdown_ray
+from lorafleet.cli._args import add_cluster, add_output, add_overrides, cluster_from_args, shutdown_ray
 
 __all__ = ["add_parser", "cmd_sweep"]
 
@@ -17,7 +17,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         report = resume_sweep(args.resume, promote=args.promote)
     elif args.config:
-        report = run_sweep(load_sweep(args.config, args.set, default_home(), name=args.name), promote=args.promote)
+        report = run_sweep(load_sweep(args.config, args.set, default_home(), name=args.name), promote=args.promote,
+                           cluster=cluster_from_args(args))
     else:
         raise SystemExit("lorafleet sweep: give a sweep CONFIG file, or --resume SWEEP_DIR")
     shutdown_ray()  # a raylet warning once printed after the JSON line
@@ -35,4 +36,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not re-run")
     p.add_argument("--promote", action="store_true", help="make the registered winner live")
     add_output(p, "also print the summary (winner, registered ref) as one JSON line")
+    add_cluster(p, "refuse at once a sweep whose trials cannot be placed or fit there")
     p.set_defaults(fn=cmd_sweep)

@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafleet.cli._args import add_output, add_overrides, shutdown_ray
+from lorafleet.cli._args import add_cluster, add_output, add_overrides, cluster_from_args, shutdown_ray
 
 __all__ = ["add_parser", "cmd_base_build", "cmd_base_import_gguf", "cmd_train", "cmd_eval"]
 
 
 def cmd_base_build(args: argparse.Namespace) -> int:
     from lorafleet.config import default_home
-    from lorafleet.finetune import init_ray
+    from lorafleet.cluster import init_ray
     from lorafleet.pretrain import build_base
 
     from lorafleet.base_model import check_build_target
@@ -39,7 +39,8 @@ def cmd_base_import_gguf(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafleet.config import home_location, load_config, registry_root
-    from lorafleet.finetune import finetune, run_dir_config
+    from lorafleet.train.context import run_dir_config
+    from lorafleet.train.recipe import finetune
     from lorafleet.report.runs import print_summary
 
     home = home_location()  # a folder, or s3://... (then registry/ and runs/ live there)
@@ -49,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set, home)
     else:
         raise SystemExit("lorafleet train: give a CONFIG file, or --resume RUN_DIR")
-    summary = finetune(cfg, registry_root=registry_root(home), resume_dir=args.resume, progress=not args.quiet)
+    summary = finetune(cfg, registry_root=registry_root(home), resume_dir=args.resume, progress=not args.quiet,
+                       cluster=cluster_from_args(args))
     shutdown_ray()
     if args.json:
         print(json.dumps(summary.as_dict()))
@@ -88,6 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_overrides(train, "dotted override, e.g. train.lr=3e-4")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     add_output(train, "print the summary as JSON", "no live progress display")
+    add_cluster(train)
     train.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a registered artifact (or the bare base model) on a split")

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from lorafleet.config.base import ConfigError, Section, default_home, load_raw, read_yaml, validate
 from lorafleet.config.finetune import FinetuneConfig, parse_config
-from lorafleet.prompts import PromptTemplate, template_problems
+from lorafleet.config.prompts import PromptTemplate, template_problems
 from lorafleet.tasks import get_task
 
 __all__ = [

@@ -21,6 +21,7 @@ from lorafleet.config.base import (
     problems_error,
     validate,
 )
+from lorafleet.tasks import GENERATING_TASKS
 
 __all__ = [
     "FinetuneConfig",
@@ -47,7 +48,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description="Dtype the base loads, trains (autocast) and is scored in, on CPU and GPU alike; "
-        "trainable weights stay fp32 (lorafleet.precision). float16 trains with loss scaling; "
+        "trainable weights stay fp32 (lorafleet.train.precision). float16 trains with loss scaling; "
         "float32 autocasts to bf16 on a GPU.",
     )
     trust_remote_code: bool = False
@@ -69,6 +70,13 @@ class TaskConfig(Section):
         description="The instruction line of the prompt (summarization, qa, translation, classification); "
         "default: the task's own. Classification may use '{labels}', translation '{source}' / '{target}'.",
     )
+    max_new_tokens: int | None = Field(
+        None, ge=1,
+        description="Generation budget (tokens) of an answer (summarization, translation, qa, instruction): "
+        "evaluation, validation and the prompt lab generate up to it, and it goes into the registry metadata "
+        "as the task endpoints' default. Default: the task's own (qa 16, instruction 24, summarization and "
+        "translation 48).",
+    )
 
     @model_validator(mode="after")
     def _check_labels(self) -> "TaskConfig":
@@ -86,6 +94,7 @@ class TaskConfig(Section):
             "source_lang": self.source_lang is not None and self.name != "translation",
             "target_lang": self.target_lang is not None and self.name != "translation",
             "instruction": self.instruction is not None and self.name in ("instruction", "text"),
+            "max_new_tokens": self.max_new_tokens is not None and self.name not in GENERATING_TASKS,
         }
         problems += [f"task.{key} does not apply to task {self.name!r}" for key, bad in wrong.items() if bad]
         if problems:
@@ -106,7 +115,14 @@ class DataConfig(Section):
     synthetic_sizes: dict[str, int] = Field(
         default_factory=lambda: {"train": 2000, "validation": 200, "test": 200}
     )
-    max_seq_len: int = Field(256, ge=16, description="Longer examples are an error, not truncated.")
+    max_seq_len: int = Field(256, ge=16, description="Token limit of a training example (prompt + answer); "
+                             "what happens to a longer one is data.truncate's choice.")
+    truncate: Literal["error", "left", "right"] = Field(
+        "error",
+        description="An example over max_seq_len: 'error' stops the run naming the row; 'left' drops tokens from "
+        "the start (the prompt's beginning; the answer is kept); 'right' keeps the first max_seq_len tokens (the "
+        "end of the answer may go). A row left with no answer token is an error either way.",
+    )
     seed: int = 0
 
 
@@ -149,7 +165,19 @@ class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    accelerator_type: str | None = Field(
+        None,
+        description="Run the GPU workers on this GPU type only, as Ray names it ('A10G', 'L4', 'A100-80G', "
+        "'H100'): Ray Train's ScalingConfig.accelerator_type (and the ladder's prompt and feature rungs). "
+        "Needs use_gpu. Default: any GPU the cluster has.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model; fsdp: FSDP2 shards weights, gradients and "
+        "optimizer state over the workers (full, partial, lora).",
+    )
+    cpu_offload: bool = Field(False, description="fsdp only: keep the sharded parameters and optimizer "
+                              "state in host memory (FSDP2 CPUOffloadPolicy).")
     max_failures: int = Field(1, ge=0, description="Worker failures survived (restart from checkpoint).")
 
 
@@ -185,10 +213,15 @@ class FinetuneConfig(Section):
                 f"method {self.method.name!r} needs task 'classification' (got {self.task.name!r}); "
                 "use 'lora', 'partial' or 'full' for generative tasks"
             )
-        if self.scaling.strategy == "fsdp" and self.method.name != "full":
+        if self.scaling.strategy == "fsdp" and self.method.name not in ("full", "partial", "lora"):
             problems.append(
-                f"scaling.strategy 'fsdp' is for method 'full' (got {self.method.name!r}); use 'ddp'"
+                f"scaling.strategy 'fsdp' shards methods 'full', 'partial' and 'lora' (got {self.method.name!r}); "
+                "use 'ddp'"
             )
+        if self.scaling.accelerator_type and not self.scaling.use_gpu:
+            problems.append(f"scaling.accelerator_type {self.scaling.accelerator_type!r} needs scaling.use_gpu: true")
+        if self.scaling.cpu_offload and self.scaling.strategy != "fsdp":
+            problems.append("scaling.cpu_offload needs scaling.strategy 'fsdp' (it offloads the shards)")
         if problems:
             raise problems_error(problems)
         return self

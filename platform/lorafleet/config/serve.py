@@ -23,6 +23,7 @@ from lorafleet.config.base import (
     registry_root,
     validate,
 )
+from lorafleet.tasks import SERVED_TASKS
 from lorafleet.uri import is_uri
 
 __all__ = [
@@ -32,16 +33,12 @@ __all__ = [
     "AutoscalingSettings",
     "ServeApp",
     "API_KEYS_ENV",
-    "SERVED_TASKS",
     "load_settings",
     "read_serve_app",
 ]
 
 # Comma-separated bearer keys; added to the config's api_keys.
 API_KEYS_ENV = "LORAFLEET_API_KEYS"
-# The tasks (of lorafleet.tasks.TASK_NAMES) that have a serving endpoint; 'instruction' has none.
-# Spelled out rather than imported: lorafleet.tasks loads the metrics stack (nltk, ~2 s).
-SERVED_TASKS: tuple[str, ...] = ("classification", "summarization", "translation", "qa")
 _EXAMPLE = "serve/config.yaml"
 
 

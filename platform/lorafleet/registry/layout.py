@@ -16,32 +16,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.registry._constants import ALIASES_FILE, METADATA_FILE
 from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.metadata import ArtifactMetadata
 from lorafleet.registry.refs import is_version, validate_name, validate_version
 
 if TYPE_CHECKING:
     from lorafleet.registry.storage import Storage
 
 __all__ = [
-    "ALIASES_FILE",
-    "METADATA_FILE",
     "REGISTRY_KEYS",
-    "TMP_PREFIX",
     "Entry",
     "caller_metadata",
     "load_entry",
     "name_key",
     "read_aliases",
+    "read_aliases_at",
     "version_key",
     "version_numbers",
 ]
 
-METADATA_FILE = "lorafleet.json"
-ALIASES_FILE = "aliases.json"
-TMP_PREFIX = ".tmp-"
 # Keys the registry writes into lorafleet.json; they win over the caller's values so the
 # metadata always describes the folder it sits in.
 REGISTRY_KEYS = ("name", "version", "created", "files", "size_bytes")
@@ -56,7 +54,7 @@ class Entry:
         version: Version number as a string, e.g. ``"2"``.
         path: The version folder (pass it to a loader as is), or its URI in an object-store
             registry (``Registry.local_path`` gives a checked local copy).
-        metadata: Parsed ``lorafleet.json``.
+        metadata: Parsed ``lorafleet.json``, as stored (``meta`` is its typed view).
         aliases: Aliases pointing at this version, sorted, e.g. ``("live",)``.
         storage: The registry's storage, for reading the version's files (``read_json``).
     """
@@ -74,6 +72,11 @@ class Entry:
     def ref(self) -> str:
         """The canonical reference ``"name@version"``."""
         return f"{self.name}@{self.version}"
+
+    @cached_property
+    def meta(self) -> ArtifactMetadata:
+        """The typed view of ``metadata`` (what the artifact is, how it scored, its config)."""
+        return ArtifactMetadata.read(self.metadata)
 
     @property
     def key(self) -> str:
@@ -104,7 +107,12 @@ def version_key(storage: Storage, name: str, version: str) -> str:
 
 def read_aliases(storage: Storage, name: str) -> dict[str, str]:
     """Read ``aliases.json`` of ``name``; {} if absent."""
-    key = f"{name_key(storage, name)}/{ALIASES_FILE}"
+    return read_aliases_at(storage, f"{name_key(storage, name)}/{ALIASES_FILE}")
+
+
+def read_aliases_at(storage: Storage, key: str) -> dict[str, str]:
+    """Read the aliases file at ``key`` (a name's, checked by ``name_key`` beforehand: one storage
+    call, what serving's catalog pays per request); {} if absent."""
     try:
         data = storage.read_json(key)
     except FileNotFoundError:

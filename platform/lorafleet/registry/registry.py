@@ -8,7 +8,8 @@ Readers never see a half-written version: it is staged under a hidden ``.tmp-<uu
 appears with one ``Storage.publish``, which refuses to replace a taken version, so concurrent
 writers get distinct numbers. Removal makes a version vanish at once, then deletes it.
 This module makes no filesystem call: ``storage.py`` (``LocalStorage``) does, and ``s3.py``
-(``S3Storage``) is the object-store backend for an ``s3://bucket/prefix`` root.
+(``S3Storage``) is the object-store backend for an ``s3://bucket/prefix`` root (``backends.py``
+picks one).
 
 Example:
     >>> reg = Registry("./.lorafleet/registry")
@@ -24,11 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lorafleet.registry._constants import ALIASES_FILE, METADATA_FILE, TMP_PREFIX
+from lorafleet.registry.backends import open_storage
+from lorafleet.registry.copies import copy_verified
 from lorafleet.registry.errors import ArtifactNotFoundError, LiveVersionError, RegistryError
+from lorafleet.registry.integrity import checksums
 from lorafleet.registry.layout import (
-    ALIASES_FILE,
-    METADATA_FILE,
-    TMP_PREFIX,
     Entry,
     caller_metadata,
     load_entry,
@@ -44,7 +46,7 @@ from lorafleet.registry.refs import (
     validate_name,
     validate_selector,
 )
-from lorafleet.registry.storage import Storage, checksums, copy_verified, local_folder, open_storage
+from lorafleet.registry.storage import Storage, local_folder
 
 __all__ = ["Registry"]
 
@@ -59,7 +61,7 @@ class Registry:
         root: Registry folder, e.g. ``<home>/registry``, or ``s3://bucket/prefix``. A folder is
             created on the first write, so pointing a reader at a registry that does not exist yet
             is not an error (a bucket must exist).
-        storage: Where the files live; by default ``open_storage(root)`` (storage.py).
+        storage: Where the files live; by default ``open_storage(root)`` (backends.py).
     """
 
     def __init__(self, root: str | Path, storage: Storage | None = None) -> None:

@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lorafleet.registry._constants import METADATA_FILE
 from lorafleet.registry.errors import RegistryError
-from lorafleet.registry.layout import METADATA_FILE
 
 __all__ = ["S3Storage", "LOCK_STALE_S"]
 

@@ -12,47 +12,38 @@ package is in this module. Keys are posix paths relative to the registry root ("
   seen whole or not at all.
 * ``delete_tree`` makes the tree vanish first (locally a rename out of sight; an object store
   deletes the metadata object first) and then removes the rest.
-* ``hash_files`` / ``verify_files`` are the sha256 checks on write and on load.
+* ``hash_files`` / ``verify_files`` are the sha256 checks on write and on load (locally with
+  ``integrity.py``'s routines).
+
+Which backend a root gets is ``backends.open_storage``; a checked local copy of a version from
+either is ``copies.copy_verified``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+from typing import Any, ContextManager, Protocol
 
-from lorafleet.registry.errors import ArtifactNotFoundError, RegistryError
-from lorafleet.registry.layout import METADATA_FILE, TMP_PREFIX
-
-if TYPE_CHECKING:
-    from lorafleet.registry.layout import Entry
+from lorafleet.registry._constants import TMP_PREFIX
+from lorafleet.registry.errors import RegistryError
+from lorafleet.registry.integrity import sha256_file, verify_folder
 
 try:  # POSIX only; without it alias updates are merely atomic, not serialised.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "LocalStorage",
-    "Storage",
-    "copy_verified",
-    "open_storage",
-    "checksums",
-    "local_folder",
-    "sha256_file",
-    "verify_folder",
-]
+__all__ = ["LocalStorage", "Storage", "local_folder"]
 
 _TRASH_PREFIX = ".trash-"
 _LOCK_FILE = ".aliases.lock"
-_HASH_CHUNK = 1 << 20
 
 
 class Storage(Protocol):
@@ -225,60 +216,6 @@ class LocalStorage:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def open_storage(root: str | Path) -> Storage:
-    """The ``Storage`` for a registry root: ``S3Storage`` for ``s3://bucket/prefix``, else a folder."""
-    text = str(root)
-    if text.startswith("s3://"):
-        from lorafleet.registry.s3 import S3Storage
-
-        return S3Storage(text)
-    if "://" in text:
-        raise RegistryError(
-            f"registry root {text!r}: only s3:// object stores are supported (or an S3-compatible store "
-            "with conditional writes, such as MinIO, through AWS_ENDPOINT_URL), or a folder every node mounts"
-        )
-    return LocalStorage(root)
-
-
-def copy_verified(entry: Entry, cache_root: Path, dest_name: str | None = None, *,
-                  error: type[RegistryError] = RegistryError) -> Path:
-    """Copy a registry version into ``cache_root`` and check the copy against its sha256 sums.
-
-    What a loader then reads is what was checked, and a later change or removal in the registry
-    cannot reach it (serving's private adapter copies; ``Registry.local_path`` for an object store).
-
-    Args:
-        entry: The registry version (from a ``Registry``, so it knows its storage).
-        cache_root: The folder the copy goes under.
-        dest_name: The copy's folder name (an older copy there is replaced); default: a fresh name.
-        error: Raised when a file is missing, differs or is not listed.
-
-    Raises:
-        ArtifactNotFoundError: The version was removed from the registry before or while copying.
-    """
-    storage = entry.storage if entry.storage is not None else LocalStorage(Path(entry.path).parent.parent)
-    files = checksums(entry.metadata, entry.ref, error=error)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".tmp-{uuid.uuid4().hex}"
-    try:
-        try:
-            storage.copy_out(entry.key, tmp)
-        except OSError:  # shutil.Error is one too: a removal renames the version away mid-copy
-            if storage.is_file(f"{entry.key}/{METADATA_FILE}"):
-                raise
-            raise ArtifactNotFoundError(f"{entry.ref} was removed from the registry while being loaded; "
-                                        "request the adapter again for its current version") from None
-        verify_folder(tmp, files, entry.ref, error=error, private_copy=True)
-        final = cache_root / (dest_name or f"{entry.name}@{entry.version}-{uuid.uuid4().hex[:8]}")
-        if final.exists():
-            shutil.rmtree(final)  # an older copy of this id, inside the cache
-        tmp.rename(final)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def local_folder(src: str | Path) -> Path | None:
     """``src`` as a Path if it is an existing local folder (what ``copy_in`` reads), else None."""
     path = Path(src).expanduser()
@@ -310,80 +247,3 @@ def _rename_noreplace(src: Path, dst: Path) -> bool:
             return False
         raise
     return True
-
-
-# ------------------------------------------------------------------------------------------
-# sha256 of local files: the one checksum routine, for the registry and for serving's copies.
-# ------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path, *, fsync: bool = False) -> str:
-    """sha256 hex digest of one file; with ``fsync``, also flush it to disk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-        if fsync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def checksums(
-    metadata: Mapping[str, Any], ref: str, *, error: type[RegistryError] = RegistryError
-) -> dict[str, str]:
-    """The ``files`` map of a version's metadata; ``error`` if it has none."""
-    files = metadata.get("files")
-    if not isinstance(files, dict) or not files:
-        raise error(f"{ref} has no file checksums in {METADATA_FILE}; re-register it")
-    return files
-
-
-def verify_folder(
-    folder: Path,
-    files: Mapping[str, str],
-    ref: str,
-    *,
-    error: type[RegistryError] = RegistryError,
-    inside: Callable[[Path], bool] | None = None,
-    private_copy: bool = False,
-) -> None:
-    """Check ``folder`` against ``files`` ({relative path: sha256}) and raise on the first problem.
-
-    Args:
-        folder: A registry version folder, or a private copy of one.
-        files: The checksums recorded at registration (see ``checksums``).
-        ref: ``name@version``, for messages.
-        error: The exception class raised.
-        inside: Refuses listed files for which it returns False (a registry version must not
-            point out of the registry).
-        private_copy: ``folder`` is a copy about to be loaded: a symlink counts as a missing
-            file (the copy must hold what was checked), and messages say the load is refused.
-
-    Raises:
-        error: Naming the first listed file (in sorted order) that is missing, outside or
-            modified, or a present file that is not listed (it could change what a loader
-            picks up).
-    """
-    for rel, expected in sorted(files.items()):
-        file = folder / rel
-        if inside is not None and not inside(file):
-            raise error(
-                f"{ref}: listed file {rel!r} points outside the registry; re-register it"
-            )
-        if (private_copy and file.is_symlink()) or not file.is_file():
-            raise error(f"{ref}: file {rel!r} is missing; re-register it")
-        if sha256_file(file) != expected:
-            advice = "half-written); not loading it" if private_copy else "corrupt)"
-            raise error(
-                f"{ref}: file {rel!r} does not match its sha256 (modified or {advice}; "
-                "re-register it"
-            )
-    present = {
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() or (private_copy and p.is_symlink())
-    }
-    extra = sorted(present - set(files) - {METADATA_FILE})
-    if extra:
-        advice = "" if private_copy else "; delete it or re-register the artifact"
-        raise error(f"{ref}: file {extra[0]!r} is not in the registered file list{advice}")

@@ -55,7 +55,8 @@ def markdown_table(rows: list[Any], currency: str = "USD") -> str:
     for r in rows:
         pct = 100 * r["trainable_params"] / r["total_params"] if r["total_params"] else 0.0
         lines.append("| " + " | ".join([
-            str(r["rank"]), r["rung"], f"{r['value']:.3f}", _params(r["trainable_params"]),
+            str(r["rank"]), r["rung"], f"{r['value']:.3f}" if r.get("status", "ok") == "ok" else "failed",
+            _params(r["trainable_params"]),
             f"{pct:.2f}%" if r["trainable_params"] else "0%", f"{r['wall_time_s']:.1f} s",
             f"{r['peak_memory_mb']:,.0f} MB", _bytes(r["artifact_bytes"]), f"{r['tokens_per_s']:,.0f}",
             f"{r['cost']:.5f}",
@@ -70,7 +71,7 @@ def ladder_chart(rows: list[Any], path: str | Path, title: str = "method ladder"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [_row(r) for r in rows]
+    rows = [r for r in map(_row, rows) if r.get("status", "ok") == "ok"]  # a failed rung has nothing to draw
     metric = rows[0]["metric"] if rows else "metric"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"prompt": "tab:gray", "train": "tab:blue"}
@@ -132,7 +133,7 @@ def write_report(rows: list[Any], out_dir: str | Path, ladder: Any | None = None
                  currency=currency)
     notes = [f"- **{r['rung']}**: {r['notes']}" for r in dicts if r.get("notes")]
     by_rung = {r["rung"]: r for r in dicts}
-    if "lora" in by_rung and "full" in by_rung:
+    if "lora" in by_rung and "full" in by_rung and by_rung["lora"]["value"] is not None and by_rung["full"]["value"] is not None:
         lo, fu = by_rung["lora"], by_rung["full"]
         notes.append(
             f"- LoRA vs full: {lo['metric']} {lo['value']:.3f} vs {fu['value']:.3f} "

@@ -15,7 +15,7 @@ def _console():
 
 
 def print_summary(summary: Any) -> None:
-    """The final table of a training run (a `lorafleet.finetune` RunSummary)."""
+    """The final table of a training run (a `lorafleet.train.results.RunSummary`)."""
     from rich.table import Table
 
     table = Table(title=f"run {summary.run_name}")
@@ -41,12 +41,11 @@ def print_registry(root: Path, entries: Iterable[Any]) -> None:
     for col in ("name", "version", "aliases", "task", "method", "test metric", "trainable", "created"):
         table.add_column(col)
     for e in entries:
-        m = e.metadata
-        test = (m.get("metrics") or {}).get("test") or {}
-        first = next(iter(test.items()), None)
-        table.add_row(e.name, e.version, ",".join(e.aliases), str(m.get("task", "")), str(m.get("method", "")),
-                      f"{first[0]}={first[1]:.3f}" if first else "-", f"{m.get('trainable_params', 0):,}",
-                      str(m.get("created", ""))[:19])
+        m = e.meta
+        first = next(iter(m.test_metrics.items()), None)
+        table.add_row(e.name, e.version, ",".join(e.aliases), m.task or "", m.method or "",
+                      f"{first[0]}={first[1]:.3f}" if first else "-", f"{m.trainable_params or 0:,}",
+                      (m.created or "")[:19])
     _console().print(table)
 
 

@@ -2,18 +2,16 @@
 
 The parameter columns are the sweep's searched keys (`SweepReport.space`), whatever method they
 belong to; only keys computed from another (`tied_to`, `SweepReport.tied`) are left out of the
-one-line summary of the winner and of the scatter's axes.
+one-line summary of the winner and of the scatter's axes. Everything shown comes from the report
+passed in (a `lorafleet.sweep.SweepReport`, typed `Any` here as in the other report modules: each
+trial's params, metric history and training-loss curve); nothing here reads the sweep folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from lorafleet.sweep import SweepReport
+from typing import Any
 
 __all__ = ["build_table", "print_table", "plot"]
 
@@ -39,7 +37,7 @@ def _short(keys: list[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
-def build_table(report: SweepReport):
+def build_table(report: Any):
     """The rich table printed at the end of a sweep: best first, one column per searched key."""
     from rich.table import Table
 
@@ -59,7 +57,7 @@ def build_table(report: SweepReport):
     return table
 
 
-def _footer(report: SweepReport) -> str:
+def _footer(report: Any) -> str:
     lines = [f"sweep wall time {report.wall_time_s:.0f} s; folder {report.sweep_dir}"]
     if report.best:
         b = report.best
@@ -73,7 +71,7 @@ def _footer(report: SweepReport) -> str:
     return "\n".join(lines)
 
 
-def print_table(report: SweepReport, console=None) -> str:
+def print_table(report: Any, console=None) -> str:
     """Print the table and footer; return them as plain text (what table.txt holds)."""
     from rich.console import Console
 
@@ -87,7 +85,7 @@ def print_table(report: SweepReport, console=None) -> str:
     return recorder.export_text()
 
 
-def _axes(report: SweepReport) -> tuple[str | None, str | None]:
+def _axes(report: Any) -> tuple[str | None, str | None]:
     """The scatter's (x, y) keys: two sampled numeric keys, a learning rate on x when searched."""
     numeric = [k for k in report.space if k not in report.tied and report.trials
                and all(isinstance(t["params"].get(k), (int, float)) for t in report.trials)]
@@ -100,7 +98,7 @@ def _label(key: str | None) -> str:
     return {"method.lora.r": "LoRA rank r", "train.lr": "learning rate"}.get(key or "", key or "")
 
 
-def _scatter(ax, fig, report: SweepReport) -> None:
+def _scatter(ax, fig, report: Any) -> None:
     """Each trial at its two sampled values, coloured by its best metric; the winner ringed in red."""
     metric = report.metric
     x, y = _axes(report)
@@ -126,14 +124,12 @@ def _scatter(ax, fig, report: SweepReport) -> None:
     fig.colorbar(sc, ax=ax, label=metric)
 
 
-def plot(report: SweepReport, out: Path) -> Path:
+def plot(report: Any, out: Path) -> Path:
     """Learning curves of every trial (validation metric, training loss) and a scatter of two searched keys."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lorafleet.sweep import TRIALS_DIR  # (lazy: lorafleet.sweep re-exports this module's names)
 
     fig, (ax_val, ax_loss, ax_sc) = plt.subplots(1, 3, figsize=(17, 5))
     cmap = plt.get_cmap("tab10")
@@ -149,14 +145,9 @@ def plot(report: SweepReport, out: Path) -> Path:
         evals = [h for h in t["history"] if metric in h]
         ax_val.plot([h["step"] for h in evals], [h[metric] for h in evals], style, marker="o", color=color,
                     lw=width, label=label)
-        log = Path(report.sweep_dir) / TRIALS_DIR / t["trial_id"] / "train_log.jsonl"
-        if log.is_file():
-            recs = {}
-            for line in log.read_text().splitlines():
-                rec = json.loads(line)
-                recs[rec["step"]] = rec["loss"]  # a resumed trial logs some steps twice: keep the last
-            steps = sorted(recs)
-            ax_loss.plot(steps, [recs[s] for s in steps], style, color=color, lw=width, label=label)
+        if t.get("train_loss"):  # [[step, loss], ...]
+            steps, losses = zip(*t["train_loss"])
+            ax_loss.plot(steps, losses, style, color=color, lw=width, label=label)
     ax_val.set(title=f"validation {metric.removeprefix('val_')} (dashed: stopped early)", xlabel="step", ylabel=metric)
     ax_val.legend(fontsize=7)
     ax_loss.set(title="training loss (rank 0)", xlabel="step", ylabel="loss", yscale="log")

@@ -8,10 +8,11 @@ Why this shape (see docs/SERVING.md):
   multiplexing (per-replica LRU of ``max_loras`` adapters, routing a request to a replica that
   has its adapter) and vLLM's batching of different adapters in one engine step stay Ray's and
   vLLM's; only "where do the files come from" is ours. No object store, no copy of the registry.
-* The ingress (:class:`AdapterCatalog`) turns a client's ``name`` / ``name@version`` into an
-  *exact* version before routing: the multiplexed model id is ``<base>:<name>@<version>``. A
-  promotion therefore changes the id new requests use (picked up without a restart), while a
-  request in flight keeps the version it was resolved to: every response comes from one version.
+* The ingress (``serving.catalog.AdapterCatalog``, re-exported here) turns a client's ``name`` /
+  ``name@version`` into an *exact* version before routing: the multiplexed model id is
+  ``<base>:<name>@<version>``. A promotion therefore changes the id new requests use (picked up
+  without a restart), while a request in flight keeps the version it was resolved to: every
+  response comes from one version.
 * The replica copies the version folder into a private cache and checks every file's sha256
   against the registry metadata *on the copy*, then gives vLLM the copy: what vLLM reads is what
   was checked, and a later change or removal in the registry cannot reach a loaded adapter.
@@ -37,8 +38,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from lorafleet.registry import Entry, Registry, RegistryError, validate_name
-from lorafleet.serving.compat import ADAPTER_CONFIG, adapter_config, base_refusal, dora_refusal
+from lorafleet.registry import Registry, RegistryError, validate_name
+from lorafleet.serving.catalog import BASE_ALIASES, AdapterCatalog
 from lorafleet.serving.copies import (
     CACHE_PREFIX,
     AdapterIntegrityError,
@@ -46,7 +47,6 @@ from lorafleet.serving.copies import (
     copy_verified,
     remove_orphan_caches,
 )
-from lorafleet.serving.errors import ServingError
 
 __all__ = [
     "AdapterCatalog",
@@ -60,120 +60,6 @@ __all__ = [
 
 # Where the replica's loader finds the registry: LLMConfig.experimental_configs[REGISTRY_ROOT_KEY].
 REGISTRY_ROOT_KEY = "lorafleet_registry_root"
-# Adapter values meaning "no adapter, the bare base model" on the task endpoints.
-BASE_ALIASES = ("base",)
-
-
-# --------------------------------------------------------------------------------------------
-# Ingress side: names -> exact versions, listing, validation.
-# --------------------------------------------------------------------------------------------
-
-
-class AdapterCatalog:
-    """Resolves client adapter references against the registry (read-only).
-
-    Args:
-        registry_root: ``<home>/registry``.
-        base_model_id: The served base model's id (the multiplexed ids' prefix).
-        max_lora_rank: The engine's ``max_lora_rank``; higher-rank adapters are refused up front.
-        base_path: The served base model's folder; adapters whose recorded base fingerprint differs
-            from its ``base_fingerprint`` are refused. None skips that check.
-    """
-
-    def __init__(self, registry_root: str | Path, base_model_id: str, max_lora_rank: int, *,
-                 base_path: str | Path | None = None) -> None:
-        from lorafleet.base_model import base_fingerprint
-
-        self.registry = Registry(registry_root)
-        self.base_model_id = base_model_id
-        self.max_lora_rank = max_lora_rank
-        self.base_path = str(base_path) if base_path is not None else base_model_id
-        self.base_fingerprint = base_fingerprint(base_path) if base_path is not None else None
-
-    def refusal(self, entry: Entry) -> str | None:
-        """Why this server must not load ``entry`` (another base, DoRA), or None."""
-        return base_refusal(entry, self.base_fingerprint, self.base_path) or dora_refusal(entry)
-
-    def available(self) -> list[str]:
-        """Names of the LoRA adapters this server can serve (their live versions are what 'name' means)."""
-        out = []
-        for name in self.registry.names():
-            try:
-                entry = self.registry.resolve(name)
-            except RegistryError:
-                continue
-            if is_lora(entry) and self.refusal(entry) is None:
-                out.append(name)
-        return out
-
-    def resolve(self, ref: str, *, task: str | None = None) -> Entry:
-        """The exact registry version ``ref`` names, checked to be a servable LoRA adapter.
-
-        Args:
-            ref: ``name``, ``name@version``, ``name@alias``, or ``<base_model_id>:name[@version]``.
-            task: If given, the adapter's registered task must match.
-
-        Raises:
-            ServingError: 404 (unknown name/version; lists what exists), 422 (malformed reference,
-                not a LoRA adapter, trained on another base, DoRA, wrong task, rank above the
-                engine's max_lora_rank).
-        """
-        prefix = f"{self.base_model_id}:"
-        if ref.startswith(prefix):
-            ref = ref[len(prefix):]
-        name = ref.partition("@")[0]
-        try:
-            validate_name(name)
-        except RegistryError as exc:
-            raise ServingError(422, str(exc), param="adapter", available=self.available()) from None
-        try:
-            entry = self.registry.resolve(ref)
-        except RegistryError as exc:
-            available = self.available()
-            if name not in self.registry.names():
-                raise ServingError(
-                    404, f"adapter {name!r} not found; available: {available} (or the base model "
-                    f"{self.base_model_id!r})", type="not_found_error", param="adapter", available=available,
-                ) from None
-            raise ServingError(404, str(exc), type="not_found_error", param="adapter",
-                               available=[e.ref for e in self.registry.list(name)]) from None
-        if not is_lora(entry):
-            raise ServingError(
-                422, f"{entry.ref} is a '{entry.metadata.get('method', 'unknown')}' artifact, not a LoRA "
-                "adapter; only LoRA adapters are served on this base model", param="adapter",
-                available=self.available(),
-            )
-        if (reason := self.refusal(entry)) is not None:
-            raise ServingError(422, reason, param="adapter", available=self.available())
-        registered_task = entry.metadata.get("task")
-        if task is not None and registered_task and registered_task != task:
-            same = [n for n in self.available() if self.registry.resolve(n).metadata.get("task") == task]
-            raise ServingError(
-                422, f"{entry.ref} was trained for task {registered_task!r}, not {task!r}; use one of {same}",
-                param="adapter", available=same,
-            )
-        rank = _adapter_rank(entry)
-        if rank is not None and rank > self.max_lora_rank:
-            raise ServingError(
-                422, f"{entry.ref} has LoRA rank {rank}, above the server's max_lora_rank="
-                f"{self.max_lora_rank}; raise max_lora_rank in the serve config", param="adapter",
-            )
-        return entry
-
-    def model_id(self, entry: Entry) -> str:
-        """The multiplexed model id of an exact version: ``<base>:<name>@<version>``."""
-        return f"{self.base_model_id}:{entry.ref}"
-
-
-def is_lora(entry: Entry) -> bool:
-    """Whether a registry entry is a peft LoRA adapter (vLLM can only multiplex those)."""
-    method = entry.metadata.get("method")
-    return (method in (None, "lora")) and ADAPTER_CONFIG in (entry.metadata.get("files") or {})
-
-
-def _adapter_rank(entry: Entry) -> int | None:
-    rank = adapter_config(entry).get("r")
-    return int(rank) if isinstance(rank, int) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Two kinds of adapter train and register fine but must not reach the engine:
   compares it with the served base's. Versions registered before fingerprints existed have none: they
   are served, with a warning logged once per version.
 
-The ingress (``AdapterCatalog.resolve``) turns a refusal into a 422 naming the reason and the fix.
+The ingress (``serving.catalog.AdapterCatalog``) turns a refusal into a 422 naming the reason and the fix,
+and remembers it per version (a registered version never changes).
 This module imports nothing heavy, so ``lorafleet adapters promote`` can warn with the same words.
 """
 
@@ -24,7 +25,7 @@ from lorafleet.registry import Entry
 __all__ = ["ADAPTER_CONFIG", "FINGERPRINT_KEY", "adapter_config", "base_refusal", "dora_refusal"]
 
 ADAPTER_CONFIG = "adapter_config.json"
-FINGERPRINT_KEY = "base_fingerprint"  # lorafleet.json key written by run.run_metadata / register_artifact
+FINGERPRINT_KEY = "base_fingerprint"  # lorafleet.json key (ArtifactMetadata.base_fingerprint)
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()  # version folders already warned about (no fingerprint), so logs do not flood
@@ -56,7 +57,7 @@ def base_refusal(entry: Entry, served_fingerprint: str | None, served_base: str)
         served_fingerprint: ``base_fingerprint`` of the served base; None skips the check.
         served_base: The served base's path or name, for the message.
     """
-    recorded = entry.metadata.get(FINGERPRINT_KEY)
+    recorded = entry.meta.base_fingerprint
     if served_fingerprint is None:
         return None
     if not recorded:
@@ -67,7 +68,7 @@ def base_refusal(entry: Entry, served_fingerprint: str | None, served_base: str)
         return None
     if recorded == served_fingerprint:
         return None
-    trained_on = entry.metadata.get("base_model") or "an unrecorded base"
+    trained_on = entry.meta.base_model or "an unrecorded base"
     return (f"{entry.ref} was trained on base model {trained_on!r} (fingerprint {recorded[:19]}...), but this "
             f"server serves {served_base!r} (fingerprint {served_fingerprint[:19]}...); serve it with the base "
             "it was trained on, or retrain it on this one")

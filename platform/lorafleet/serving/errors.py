@@ -7,7 +7,8 @@ Every error a client sees is ``{"error": {"message", "type", "code", "param"?, "
 error, where Ray's handler answers 400 with the first one only), Ray Serve LLM's
 ``OpenAIHTTPException``, Starlette's ``HTTPException`` (unknown routes: 404 listing the routes,
 wrong methods: 405 with ``Allow``), vLLM's request validation (``VLLMClientError``, raised while
-FastAPI builds vLLM's request models: 400, as vLLM's server words it) and a pydantic
+FastAPI builds vLLM's request models: 400, as vLLM's server words it), any other exception raised
+while a request body is validated (:func:`client_body`: 400 naming the field) and a pydantic
 ``ValidationError`` raised inside a route (422). What escapes all of them is
 :mod:`lorafleet.serving.limits`'s last resort (500, traceback logged). User input echoed in a
 message is clipped (:func:`clip`). Auth is a bearer-key middleware in front of every route but
@@ -16,13 +17,15 @@ message is clipped (:func:`clip`). Auth is a bearer-key middleware in front of e
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError, WrapValidator
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -33,6 +36,7 @@ __all__ = [
     "ErrorResponse",
     "ServingError",
     "clip",
+    "client_body",
     "OPEN_PATHS",
     "OPENAPI_ERRORS",
     "error_response",
@@ -47,6 +51,7 @@ MESSAGE_CHARS = 2000  # and a whole message (an engine's, say) to this many
 MAX_FIELDS = 20  # field errors listed in a 422
 ENGINE_RETRY_AFTER_S = 5  # a 503 for a dead engine replica: Serve restarts one in tens of seconds
 T = TypeVar("T")
+log = logging.getLogger("lorafleet.serving")
 
 
 def clip(value: Any, limit: int = ECHO_CHARS) -> str:
@@ -113,6 +118,65 @@ def field_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]
     where = "; ".join(f"{'.'.join(str(x) for x in f['loc'])}: {f['msg']}" for f in fields)
     more = f" (+{len(errors) - MAX_FIELDS} more)" if len(errors) > MAX_FIELDS else ""
     return f"invalid request: {where}{more}", fields
+
+
+def client_body(model: type[BaseModel]) -> Any:
+    """``model`` as a route's request body whose validation can fail only as the client's error.
+
+    pydantic turns a ``ValueError`` or ``AssertionError`` raised by a validator into a validation
+    error (a 422 here), and lets anything else through: vLLM's chat request model iterates
+    ``messages`` in a "before" validator, so ``"messages": null`` raised ``TypeError`` out of FastAPI's
+    body parsing and reached the last-resort 500. Through this, any exception raised while the body
+    is validated (but a validation error, vLLM's own 400s and ours) is a 400 whose ``param`` and
+    message name the field the model's own field types refuse, as vLLM's request errors do.
+
+    Use it as the body parameter's annotation: ``body: client_body(ChatCompletionRequest)``, at
+    module level, since FastAPI resolves the annotation by name.
+    """
+    return Annotated[model, WrapValidator(functools.partial(_validate_body, model))]
+
+
+def _validate_body(model: type[BaseModel], value: Any, handler: Callable[[Any], Any]) -> Any:
+    try:
+        return handler(value)
+    except (ValidationError, ServingError):
+        raise
+    except Exception as exc:
+        from vllm.exceptions import VLLMClientError
+
+        if isinstance(exc, VLLMClientError):  # vLLM's request errors: a 400 already (install_error_handlers)
+            raise
+        field, why = refused_field(model, value)
+        log.info("request body refused (%s): %s raised %s: %s", model.__name__, field or "no single field",
+                 type(exc).__name__, clip(str(exc), 300))
+        where = f"{clip(field)!r}: {why}" if field else \
+            f"the body could not be validated ({type(exc).__name__}: {clip(str(exc), 200)})"
+        raise ServingError(400, f"invalid request: {where}", param=field) from None
+
+
+def refused_field(model: type[BaseModel], value: Any) -> tuple[str | None, str]:
+    """The first top-level field of ``value`` (a request body) whose value ``model``'s own type for
+    that field refuses, and pydantic's reason; (None, "") when each field alone is fine."""
+    if not isinstance(value, dict):
+        return None, ""
+    for name, info in model.model_fields.items():
+        key = next((k for k in (info.alias, name) if k is not None and k in value), None)
+        if key is None:
+            continue
+        try:
+            _field_type(model, name).validate_python(value[key])
+        except ValidationError as err:
+            return key, clip(err.errors()[0].get("msg", "invalid value"), 300)
+        except Exception as exc:  # the field's own validators raised too
+            return key, f"invalid value ({type(exc).__name__})"
+    return None, ""
+
+
+@functools.lru_cache(maxsize=512)
+def _field_type(model: type[BaseModel], name: str) -> TypeAdapter:
+    """A validator of one field of ``model`` alone (built once: the error path only)."""
+    info = model.model_fields[name]
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
 
 
 async def registry_errors_as_409(awaitable: Awaitable[T]) -> T:

@@ -1,10 +1,12 @@
 """The task endpoints' logic: request model in, response model out, the engine behind an interface.
 
-:class:`TaskHandlers` maps each task to its adapter (the request's, else the serve config's
-default) and to the training/eval prompt contract (``lorafleet.data.prompt_ids`` /
-``target_ids``), then asks an :class:`~lorafleet.serving.engine.Engine` for greedy completions
-or label log-probs. It knows nothing of Ray Serve or FastAPI: the router (``router.py``) calls
-it, and tests drive it with a fake engine.
+:class:`TaskHandlers` is prompt -> engine -> answer: the catalog (:mod:`lorafleet.serving.catalog`)
+says which adapter answers (the request's, else the serve config's default; for /v1/translate the
+one trained for the language pair) and the task as it was trained, the handler builds the
+training/eval prompt contract (``lorafleet.data.prompt_ids`` / ``target_ids``) and asks an
+:class:`~lorafleet.serving.engine.Engine` for greedy completions or label log-probs. It knows
+nothing of Ray Serve or FastAPI: the router (``router.py``) calls it, and tests drive it with a
+fake engine.
 
 Texts are checked against ``limits.max_text_chars`` before anything tokenizes them, and the
 tokenizer runs on one worker thread, off the event loop: a long text must not stall every other
@@ -21,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lorafleet.config.serve import ServeSettings
+from lorafleet.serving.catalog import Pick
 from lorafleet.serving.engine import Engine
 from lorafleet.serving.errors import ServingError, clip
 from lorafleet.serving.limits import check_text
@@ -84,14 +87,12 @@ class TaskHandlers:
 
     def __init__(self, engine: Engine, settings: ServeSettings, models: ServingModels, tokenizer: Any, *,
                  metrics: RequestMetrics | None = None) -> None:
-        from lorafleet.tasks import get_task
-
         self.engine = engine
         self.settings = settings
         self.models = models
+        self.catalog = models.catalog
         self.tokenizer = tokenizer
         self.metrics = metrics or RequestMetrics()
-        self.tasks = {name: get_task(name) for name in ("classification", "summarization", "translation", "qa")}
         self.collections = CollectionCache(settings.rag_root())
         # One thread: the tokenizer's work is short but CPU-bound and not worth racing on 2 cores, and
         # a Rust tokenizer shared by several threads can fail with "Already borrowed".
@@ -110,10 +111,11 @@ class TaskHandlers:
 
         with self.metrics.timed("classify") as info:
             check_text(body.text, self.settings.limits)
-            model_id, ref, entry = self.models.route(body.adapter or self._default_adapter("classification"),
-                                                     "classification")
+            choice = await self.catalog.pick("classification", body.adapter,
+                                             default=self.settings.tasks.get("classification"))
+            model_id, ref = choice.model_id, choice.ref
             info["adapter"] = ref
-            spec = self._task_of(entry, "classification")  # the adapter's labels, in its prompt's order
+            spec = choice.spec  # the adapter's labels, in its prompt's order
             known = list(spec.labels)
             labels = known
             if body.labels is not None:
@@ -148,11 +150,12 @@ class TaskHandlers:
         requested languages, else the first registered translation adapter trained for them; a pair no
         adapter was trained for is a 422 that names the pairs available.
         """
-        adapter = body.adapter
-        if adapter is None and (body.source_lang or body.target_lang):
-            adapter = self._adapter_for_pair(body.source_lang, body.target_lang)
-        text, ref = await self._generate("translation", {"text": body.text}, adapter, body.max_tokens,
-                                         "translate", langs=(body.source_lang, body.target_lang))
+        chosen = None
+        if body.adapter is None and (body.source_lang or body.target_lang):
+            chosen = await self.catalog.pick_for_languages(body.source_lang, body.target_lang,
+                                                           self.settings.tasks.get("translation"))
+        text, ref = await self._generate("translation", {"text": body.text}, body.adapter, body.max_tokens,
+                                         "translate", langs=(body.source_lang, body.target_lang), chosen=chosen)
         return TranslateResponse(translation=text, adapter=ref)
 
     async def qa(self, body: QARequest) -> QAResponse:
@@ -161,98 +164,44 @@ class TaskHandlers:
         context = body.context or ""
         check_text(body.question, self.settings.limits, "question")
         check_text(context, self.settings.limits, "context")
+        chosen = None
         if body.collection:
             passages = await self.collections.search(body.collection, body.question,
                                                      body.top_k or self.settings.rag.top_k)
-            passages = await self._off_loop(self._fit_passages, body.question, context, passages)
+            # The answering adapter's prompt and answer budget decide how many passages fit.
+            chosen = await self.catalog.pick("qa", body.adapter, default=self.settings.tasks.get("qa"))
+            passages = await self._off_loop(self._fit_passages, chosen.spec, body.question, context, passages,
+                                            self._budget(chosen.spec, body.max_tokens))
             sources = [Source(id=p.id, score=p.score, text=p.text) for p in passages]
             context = " ".join([context, *[p.text for p in passages]]).strip()
         answer, ref = await self._generate("qa", {"question": body.question, "context": context}, body.adapter,
-                                           body.max_tokens, "qa")
+                                           body.max_tokens, "qa", chosen=chosen)
         return QAResponse(answer=answer, sources=sources, adapter=ref)
 
     # ----- shared steps ----------------------------------------------------------------------
 
     async def _generate(self, task: str, row: dict[str, Any], adapter: str | None, max_tokens: int | None,
-                        endpoint: str, langs: tuple[str | None, str | None] = (None, None)) -> tuple[str, str]:
+                        endpoint: str, langs: tuple[str | None, str | None] = (None, None),
+                        chosen: Pick | None = None) -> tuple[str, str]:
         from lorafleet.data import prompt_ids
 
         with self.metrics.timed(endpoint) as info:
             if task != "qa":  # qa's question and context were checked before retrieval added passages
                 check_text(row["text"], self.settings.limits)
-            model_id, ref, entry = self.models.route(adapter or self._default_adapter(task), task)
-            info["adapter"] = ref
-            spec = self._task_of(entry, task)
-            if task == "translation" and not _pair_fits((spec.source_lang, spec.target_lang), *langs):
-                pairs = self._translation_pairs()
-                raise ServingError(
-                    422, f"{clip(langs[0] or spec.source_lang)} -> {clip(langs[1] or spec.target_lang)} is not supported by "
-                    f"{ref}, which translates {spec.source_lang} -> {spec.target_lang}; pairs available: "
-                    f"{_pair_names(pairs) or 'none'}", param="target_lang" if langs[1] else "source_lang",
-                    available=_pair_names(pairs),
-                )
-            budget = cap_tokens(max_tokens or spec.max_new_tokens, self.settings.max_tokens)
+            choice = chosen or await self.catalog.pick(task, adapter, default=self.settings.tasks.get(task),
+                                                       source_lang=langs[0], target_lang=langs[1])
+            info["adapter"] = choice.ref
+            spec = choice.spec
+            budget = self._budget(spec, max_tokens)
             prompt = await self._off_loop(prompt_ids, self.tokenizer, spec.instruction(row))
             self._fit(prompt, budget)
-            response = await self.engine.complete(model_id, [prompt], max_tokens=budget)
-            return response.choices[0].text.strip(), ref
+            response = await self.engine.complete(choice.model_id, [prompt], max_tokens=budget)
+            return response.choices[0].text.strip(), choice.ref
 
-    def _task_of(self, entry: Any, name: str) -> Any:
-        """The task as the adapter was trained: its config's task settings and its metadata's labels
-        (the base model, or an adapter without them, gets the task's defaults)."""
-        from dataclasses import replace
-
-        from lorafleet.config import TaskConfig
-        from lorafleet.tasks import get_task
-
-        meta = entry.metadata if entry is not None else {}
-        raw = (meta.get("config") or {}).get("task")
-        spec = get_task(TaskConfig.model_validate(raw)) if raw and raw.get("name") == name else self.tasks[name]
-        if meta.get("labels") and name == "classification":
-            spec = replace(spec, labels=tuple(meta["labels"]))
-        if name == "translation" and meta.get("source_lang") and meta.get("target_lang"):
-            spec = replace(spec, source_lang=meta["source_lang"], target_lang=meta["target_lang"])
-        return spec
-
-    def _translation_pairs(self) -> dict[tuple[str, str], list[str]]:
-        """(source, target) -> the translation adapters trained for it (live versions)."""
-        pairs: dict[tuple[str, str], list[str]] = {}
-        for name in self.models.catalog.available():
-            entry = self.models.catalog.registry.resolve(name)
-            if entry.metadata.get("task") == "translation":
-                spec = self._task_of(entry, "translation")
-                pairs.setdefault((spec.source_lang, spec.target_lang), []).append(name)
-        return pairs
-
-    def _adapter_for_pair(self, source: str | None, target: str | None) -> str | None:
-        """The serve config's translation adapter if its pair fits, else one trained for the pair (None:
-        let the default adapter answer, or refuse, as usual)."""
-        default = self.settings.tasks.get("translation")
-        if default is not None:
-            _, _, entry = self.models.route(default, "translation")
-            spec = self._task_of(entry, "translation")
-            if _pair_fits((spec.source_lang, spec.target_lang), source, target):
-                return default
-        pairs = self._translation_pairs()
-        for pair, names in pairs.items():
-            if _pair_fits(pair, source, target):
-                return names[0]
-        if default is None:
-            raise ServingError(422, f"no translation adapter was trained for {clip(source or '*')} -> "
-                               f"{clip(target or '*')}; "
-                               f"pairs available: {_pair_names(pairs) or 'none'}", param="target_lang",
-                               available=_pair_names(pairs))
-        return None
-
-    def _default_adapter(self, task: str) -> str:
-        ref = self.settings.tasks.get(task)
-        if ref is None:
-            available = self.models.catalog.available()
-            raise ServingError(
-                422, f"no adapter is configured for task {task!r}: pass 'adapter' (one of {available}, or "
-                f"'base') or map the task in the serve config", param="adapter", available=available,
-            )
-        return ref
+    def _budget(self, spec: Any, max_tokens: int | None) -> int:
+        """The answer's token budget: the request's, else the adapter's (``spec.max_new_tokens``: its
+        registry metadata's, or the task's default), capped at the server's ``max_tokens``."""
+        return cap_tokens(max_tokens or spec.max_new_tokens, self.settings.max_tokens)
 
     def _fit(self, prompt: list[int], extra: int, field: str = "text") -> None:
         limit = self.settings.max_model_len
@@ -288,32 +237,17 @@ class TaskHandlers:
             sum(next_logprob[tuple(prompt + ids[:k])][ids[k]] for k in range(len(ids))) for ids in label_ids
         ]
 
-    def _fit_passages(self, question: str, context: str, passages: list) -> list:
-        """Drop the lowest-ranked passages until the prompt fits the context window."""
+    def _fit_passages(self, spec: Any, question: str, context: str, passages: list, budget: int) -> list:
+        """Drop the lowest-ranked passages until the prompt (``spec``'s) plus ``budget`` answer tokens
+        fits the context window."""
         from lorafleet.data import prompt_ids
 
-        spec = self.tasks["qa"]
         keep = list(passages)
         while len(keep) > 1:
             row = {"question": question, "context": " ".join([context, *[p.text for p in keep]])}
-            tokens = len(prompt_ids(self.tokenizer, spec.instruction(row))) + spec.max_new_tokens
+            tokens = len(prompt_ids(self.tokenizer, spec.instruction(row))) + budget
             if tokens <= self.settings.max_model_len:
                 break
             keep.pop()
         return keep
 
-
-def _lang_matches(name: str, requested: str | None) -> bool:
-    """A requested language matches a trained one by name or 2-letter prefix, case-insensitively."""
-    if requested is None:
-        return True
-    want, have = requested.strip().lower(), name.strip().lower()
-    return want in (have, have[:2])
-
-
-def _pair_fits(pair: tuple[str, str], source: str | None, target: str | None) -> bool:
-    return _lang_matches(pair[0], source) and _lang_matches(pair[1], target)
-
-
-def _pair_names(pairs: dict[tuple[str, str], list[str]]) -> list[str]:
-    return [f"{src} -> {tgt} ({', '.join(names)})" for (src, tgt), names in pairs.items()]

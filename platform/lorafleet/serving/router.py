@@ -26,11 +26,12 @@ from lorafleet.serving._ray_llm import (
     OpenAiIngress,
     to_model_metadata,
 )
-from lorafleet.serving.adapters import AdapterCatalog
+from lorafleet.serving.catalog import AdapterCatalog
 from lorafleet.serving.engine import Engine, HandleEngine, LocalEngine
 from lorafleet.serving.errors import (
     OPENAPI_ERRORS,
     ServingError,
+    client_body,
     install_auth,
     install_error_handlers,
     registry_errors_as_409,
@@ -51,10 +52,20 @@ from lorafleet.serving.protocol import (
     TranslateResponse,
 )
 from lorafleet.serving.server import RegistryLLMServer
+from lorafleet.tasks import TASK_ROUTES
 
 __all__ = ["LorafleetIngress", "LorafleetServer", "ENDPOINTS", "make_fastapi_app"]
 
 HEALTH_TIMEOUT_S = 2.0  # /healthz's wait for the engine's health check before it answers 503
+
+# The routes' request bodies: any exception raised while one is validated is a 400 naming the field
+# (errors.client_body), never the last-resort 500.
+CompletionBody = client_body(CompletionRequest)
+ChatBody = client_body(ChatCompletionRequest)
+ClassifyBody = client_body(ClassifyRequest)
+SummarizeBody = client_body(SummarizeRequest)
+TranslateBody = client_body(TranslateRequest)
+QABody = client_body(QARequest)
 
 
 def make_fastapi_app(api_keys: list[str], limits: LimitSettings | None = None) -> FastAPI:
@@ -100,12 +111,12 @@ class LorafleetIngress(OpenAiIngress):
     async def model(self, model_id: str) -> ModelCard | None:
         if model_id in self._model_cards:
             return self._model_cards[model_id]
-        return self.serving_models.adapter_card(model_id, self._model_cards[self.base_id])
+        return await self.serving_models.card(model_id, self._model_cards[self.base_id])
 
     async def models(self) -> ModelList:
         """The base model and every registered LoRA adapter (by name = its live version)."""
         cards = [self._model_cards[self.base_id]]
-        for name in self.serving_models.catalog.available():
+        for name in await self.serving_models.names():
             card = await self.model(name)
             if card is not None:
                 cards.append(card)
@@ -113,17 +124,17 @@ class LorafleetIngress(OpenAiIngress):
 
     # ----- OpenAI routes: same as Ray's, with registry names and capped max_tokens -------------
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+    async def completions(self, body: CompletionBody, request: Request) -> Response:
         with self.metrics.timed("completions") as info:
-            body.model, info["adapter"], _ = self.serving_models.route(body.model)
+            body.model, info["adapter"], _ = await self.serving_models.route(body.model)
             self._check(body)
             self._refuse_prompt_logprobs(body.prompt_logprobs, body.echo and body.logprobs is not None)
             body.max_tokens = cap_tokens(body.max_tokens, self.settings.max_tokens)
             return await registry_errors_as_409(super().completions(body, request))
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(self, body: ChatBody, request: Request) -> Response:
         with self.metrics.timed("chat") as info:
-            body.model, info["adapter"], _ = self.serving_models.route(body.model)
+            body.model, info["adapter"], _ = await self.serving_models.route(body.model)
             self._check(body)
             self._refuse_prompt_logprobs(body.prompt_logprobs, bool(body.echo and body.logprobs))
             if body.max_completion_tokens is not None:
@@ -148,16 +159,16 @@ class LorafleetIngress(OpenAiIngress):
 
     # ----- task routes (the logic is TaskHandlers') -------------------------------------------
 
-    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
+    async def classify(self, body: ClassifyBody) -> ClassifyResponse:
         return await self.handlers.classify(body)
 
-    async def summarize(self, body: SummarizeRequest) -> SummarizeResponse:
+    async def summarize(self, body: SummarizeBody) -> SummarizeResponse:
         return await self.handlers.summarize(body)
 
-    async def translate(self, body: TranslateRequest) -> TranslateResponse:
+    async def translate(self, body: TranslateBody) -> TranslateResponse:
         return await self.handlers.translate(body)
 
-    async def qa(self, body: QARequest) -> QAResponse:
+    async def qa(self, body: QABody) -> QAResponse:
         return await self.handlers.qa(body)
 
     # ----- operations ------------------------------------------------------------------------
@@ -247,10 +258,10 @@ ENDPOINTS = {
     "model_data": lambda app: app.get("/v1/models/{model:path}", response_model=ModelCard),
     "completions": lambda app: app.post("/v1/completions"),
     "chat": lambda app: app.post("/v1/chat/completions"),
-    "classify": _task_route("/v1/classify", ClassifyResponse, TaskHandlers.classify),
-    "summarize": _task_route("/v1/summarize", SummarizeResponse, TaskHandlers.summarize),
-    "translate": _task_route("/v1/translate", TranslateResponse, TaskHandlers.translate),
-    "qa": _task_route("/v1/qa", QAResponse, TaskHandlers.qa),
+    "classify": _task_route(TASK_ROUTES["classification"], ClassifyResponse, TaskHandlers.classify),
+    "summarize": _task_route(TASK_ROUTES["summarization"], SummarizeResponse, TaskHandlers.summarize),
+    "translate": _task_route(TASK_ROUTES["translation"], TranslateResponse, TaskHandlers.translate),
+    "qa": _task_route(TASK_ROUTES["qa"], QAResponse, TaskHandlers.qa),
     "healthz": lambda app: app.get("/healthz", response_model=HealthResponse, responses={
         503: {"model": HealthResponse, "description": "the engine is starting, or does not answer (unhealthy)"}}),
     "metrics_text": lambda app: app.get("/metrics", response_class=Response),

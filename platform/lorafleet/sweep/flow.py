@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 from lorafleet.report.sweep import print_table
-from lorafleet.run import init_ray
+from lorafleet.cluster import init_ray
 from lorafleet.sweep.results import SweepReport, register_best, summarize, write_outputs
-from lorafleet.sweep.spec import SweepSpec, read_spec
+from lorafleet.sweep.spec import SweepSpec, read_spec, variant_configs
 from lorafleet.sweep.tuner import build_tuner, read_events, restore_tuner
+from lorafleet.train.clusters import Cluster, running_cluster
+from lorafleet.train.plan import refuse_misfits
 
 __all__ = ["run_sweep", "resume_sweep"]
 
@@ -22,10 +24,23 @@ def _finish(spec: SweepSpec, grid, started: float, promote: bool, console=None) 
     return report
 
 
-def run_sweep(spec: SweepSpec, promote: bool = False, console=None) -> SweepReport:
-    """Run a sweep to the end: Tune trials, table, plot, results.json, registered winner."""
+def _refuse_misfits(spec: SweepSpec, cluster: Cluster | None) -> None:
+    """Refuse a sweep whose trials the cluster cannot place or hold (lorafleet.train.plan): the given
+    cluster before Ray starts, else the one Ray joined."""
+    refuse_misfits(variant_configs(spec), cluster or running_cluster(), f"sweep {spec.sweep.name}")
+
+
+def run_sweep(spec: SweepSpec, promote: bool = False, console=None, cluster: Cluster | None = None) -> SweepReport:
+    """Run a sweep to the end: Tune trials, table, plot, results.json, registered winner.
+
+    `cluster` (`--cluster`, `--gpus`): check every trial against it before Ray starts; default: against
+    the Ray cluster joined, where what it holds is known. Raises PlanError when a trial cannot run there."""
     started = time.time()
+    if cluster is not None:
+        _refuse_misfits(spec, cluster)
     init_ray()  # the cluster this job was submitted to, or a private local instance
+    if cluster is None:
+        _refuse_misfits(spec, None)
     grid = build_tuner(spec).fit()
     return _finish(spec, grid, started, promote, console)
 
@@ -39,6 +54,7 @@ def resume_sweep(sweep_dir: str | Path, promote: bool = False, console=None) -> 
     read_spec(sweep_dir)  # not a sweep folder: fail before Ray starts
     init_ray()
     spec, tuner = restore_tuner(sweep_dir)
+    _refuse_misfits(spec, None)
     grid = tuner.fit()
     first = min((e["time"] for e in read_events(Path(spec.sweep_dir))), default=started)
     return _finish(spec, grid, min(first, started), promote, console)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from lorafleet.config import FinetuneConfig, registry_root
 from lorafleet.report.sweep import plot
-from lorafleet.sweep.spec import PLOT_FILE, RESULTS_FILE, TABLE_FILE, SweepSpec, trial_config
+from lorafleet.sweep.spec import PLOT_FILE, RESULTS_FILE, TABLE_FILE, TRIALS_DIR, SweepSpec, trial_config
 from lorafleet.sweep.tuner import read_events
 
 __all__ = ["SweepReport", "summarize", "register_best", "write_outputs", "cfg_value"]
@@ -47,6 +47,17 @@ def _history(result) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _train_loss(log: Path) -> list[list[float]]:
+    """[[step, loss], ...] from a trial's train_log.jsonl (rank 0, every log_every steps), by step; [] if absent."""
+    if not log.is_file():
+        return []
+    losses: dict[int, float] = {}
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        losses[rec["step"]] = rec["loss"]  # a resumed trial logs some steps twice: keep the last
+    return [[step, losses[step]] for step in sorted(losses)]
+
+
 def cfg_value(cfg: FinetuneConfig, dotted: str) -> Any:
     """The value of a dotted key (`method.lora.r`) in a resolved training config."""
     node: Any = cfg
@@ -56,7 +67,8 @@ def cfg_value(cfg: FinetuneConfig, dotted: str) -> Any:
 
 
 def _trial_row(spec: SweepSpec, result, asha_stopped: set[str], starts: dict[str, int]) -> dict[str, Any]:
-    """One trial of results.json: its params, status, best kept evaluation and metric history."""
+    """One trial of results.json: its params, status, best kept evaluation, metric history and
+    training-loss curve (what the table and the figure show)."""
     trial_id = Path(result.path).name
     params = {k: v for k, v in (result.config or {}).items() if k in spec.sweep.space}
     cfg = trial_config(spec, params, trial_id)
@@ -87,6 +99,7 @@ def _trial_row(spec: SweepSpec, result, asha_stopped: set[str], starts: dict[str
         "starts": starts.get(trial_id, 0),
         "error": str(result.error).splitlines()[0][:300] if result.error else None,
         "history": [{k: v for k, v in h.items() if k != "checkpoint_path"} for h in history],
+        "train_loss": _train_loss(Path(spec.sweep_dir) / TRIALS_DIR / trial_id / "train_log.jsonl"),
     }
 
 
@@ -119,11 +132,14 @@ def summarize(spec: SweepSpec, grid, wall_time_s: float) -> SweepReport:
 def register_best(spec: SweepSpec, report: SweepReport, promote: bool = False) -> SweepReport:
     """Score the winner's best checkpoint on the test split and register it (sweep name in metadata).
 
-    The test metric is computed exactly as `lorafleet eval` computes it (`lorafleet.run`: same split
+    The test metric is computed exactly as `lorafleet eval` computes it (`lorafleet.train.results`: same split
     reader, same loader and dtype), so re-evaluating the registered version gives the same number.
     """
-    from lorafleet.run import RunSummary, read_rows, register_artifact, run_metadata, score_model_dir, task_labels
-    from lorafleet.train import MODEL_DIR
+    from lorafleet.cluster import on_run_accelerator
+    from lorafleet.registry import SweepOrigin
+    from lorafleet.train.checkpoint import MODEL_DIR
+    from lorafleet.train.context import read_rows, task_labels
+    from lorafleet.train.results import artifact_metadata, checkpoint_artifact, register_artifact, score_model_dir
 
     previous = Path(spec.sweep_dir) / RESULTS_FILE
     if previous.is_file() and json.loads(previous.read_text()).get("registered"):
@@ -135,25 +151,26 @@ def register_best(spec: SweepSpec, report: SweepReport, promote: bool = False) -
         return report
     cfg = trial_config(spec, {k: v for k, v in winner["params"].items() if not spec.sweep.space[k].tied_to},
                        winner["trial_id"])
-    task, labels = task_labels(cfg)
+    _, labels = task_labels(cfg)
     model_dir = Path(winner["best_checkpoint"]) / MODEL_DIR
-    test_metrics = score_model_dir(model_dir, cfg, read_rows(cfg, "test"), labels)
+    if not model_dir.is_dir():  # a sharded (FSDP2) trial: its artifact is exported from the shards, once
+        model_dir = checkpoint_artifact(model_dir.parent, cfg, Path(spec.sweep_dir) / "winner-artifact")
+    # Where the run's model lives: a GPU sweep's winner is scored in a Ray task holding a GPU.
+    score = on_run_accelerator(score_model_dir, use_gpu=cfg.scaling.use_gpu, cpus=cfg.scaling.cpus_per_worker)
+    test_metrics = score(model_dir, cfg, read_rows(cfg, "test"), labels)
     best = {"trial_id": winner["trial_id"], "params": winner["params"], spec.metric: winner["best_" + spec.metric],
             "step": winner["best_step"], "checkpoint": winner["best_checkpoint"], "test_metrics": test_metrics}
     report = report.model_copy(update={"best": best})
     if not spec.sweep.registry.enabled:
         return report
-    summary = RunSummary(
-        run_name=winner["trial_id"], run_dir=str(Path(cfg.run.storage_path) / winner["trial_id"]),
-        method=cfg.method.name, task=task.name, test_metrics=test_metrics,
-        trainable_params=winner["trainable_params"], total_params=0, wall_time_s=winner["wall_time_s"],
-        steps=winner["best_step"], artifact_dir=str(model_dir),
-    )
-    metadata = run_metadata(cfg, summary, labels)
-    metadata.pop("total_params", None)  # a trial does not report it
-    metadata["sweep"] = {"name": spec.sweep.name, "dir": spec.sweep_dir, "trial_id": winner["trial_id"],
-                         "metric": spec.metric, "value": winner["best_" + spec.metric], "params": winner["params"],
-                         "trials": len(report.trials)}
+    # A trial reports no total_params, so the winner's metadata has none (the field is optional).
+    metadata = artifact_metadata(
+        cfg, labels, test_metrics=test_metrics, trainable_params=winner["trainable_params"],
+        wall_time_s=winner["wall_time_s"], steps=winner["best_step"],
+        run_dir=str(Path(cfg.run.storage_path) / winner["trial_id"]),
+    ).model_copy(update={"sweep": SweepOrigin(
+        name=spec.sweep.name, dir=spec.sweep_dir, trial_id=winner["trial_id"], metric=spec.metric,
+        value=winner["best_" + spec.metric], params=winner["params"], trials=len(report.trials))})
     ref = register_artifact(registry_root(spec.home), spec.sweep.registry.name or cfg.name, model_dir, metadata,
                             promote=promote)
     return report.model_copy(update={"registered": ref, "promoted": promote})

@@ -3,7 +3,9 @@ and each trial's resolved training config."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from lorafleet.config import ConfigError, FinetuneConfig, apply_overrides, default_home, parse_config, read_yaml
 from lorafleet.config.sweep import SweepConfig, flatten_dotted, load_sweep_config
 
-__all__ = ["SweepSpec", "load_sweep", "read_spec", "trial_config", "example_params", "SPEC_FILE", "RESULTS_FILE",
-           "PLOT_FILE", "TABLE_FILE", "EVENTS_FILE", "TRIALS_DIR"]
+__all__ = ["SweepSpec", "load_sweep", "read_spec", "trial_config", "variant_configs", "example_params", "SPEC_FILE",
+           "RESULTS_FILE", "PLOT_FILE", "TABLE_FILE", "EVENTS_FILE", "TRIALS_DIR"]
 
 SPEC_FILE = "sweep.json"
 RESULTS_FILE = "results.json"
@@ -50,6 +52,23 @@ class SweepSpec(BaseModel):
 def example_params(spec: SweepSpec) -> dict[str, Any]:
     """One value of every sampled key (tied keys are computed from them)."""
     return {k: p.example() for k, p in spec.sweep.space.items() if p.tied_to is None}
+
+
+def variant_configs(spec: SweepSpec, limit: int = 64) -> dict[str, FinetuneConfig]:
+    """Trial configs that span the space, by label: every choice/grid value and both ends of each range
+    (the planner checks these: a trial's memory grows with its rank or batch). Past `limit` combinations,
+    each key's values in turn, the other keys at their example value."""
+    axes: dict[str, list[Any]] = {}
+    for key, p in spec.sweep.space.items():
+        if p.tied_to is None:
+            values = getattr(p, p.kind())
+            axes[key] = [values[0], values[1] - 1] if p.kind() == "randint" else list(values)
+    if math.prod(len(v) for v in axes.values()) <= limit:
+        sets = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    else:
+        base = example_params(spec)
+        sets = [{**base, key: v} for key, values in axes.items() for v in values]
+    return {"trial " + " ".join(f"{k}={v}" for k, v in params.items()): trial_config(spec, params) for params in sets}
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str | None = None) -> FinetuneConfig:

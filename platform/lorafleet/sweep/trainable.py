@@ -39,26 +39,25 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray import tune
 
     from lorafleet.base_model import load_tokenizer
-    from lorafleet.run import load_splits, place_run, task_labels
-    from lorafleet.train import build_dataset, build_trainer
+    from lorafleet.train.context import RunContext
+    from lorafleet.train.dataset import build_dataset
+    from lorafleet.train.worker import build_trainer
 
     spec_obj = SweepSpec.model_validate(spec)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec_obj, params, trial_id)
-    place = place_run(cfg, resume_dir=Path(cfg.run.storage_path) / trial_id)  # Tune may restart a trial
-    place.save_config()
+    ctx = RunContext.build(cfg, resume_dir=Path(cfg.run.storage_path) / trial_id)  # Tune may restart a trial
+    ctx.place.save_config()
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    _, labels = task_labels(cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    data = load_splits(cfg, tokenizer, labels)
     trainer = build_trainer(
-        place.cfg,
-        build_dataset(data["train_encoded"], tokenizer.pad_token_id),
+        ctx.cfg,
+        build_dataset(ctx.encode(tokenizer), tokenizer.pad_token_id),
         run_name=trial_id,
-        val_rows=[ex.row for ex in data["examples"]["validation"]],
-        labels=labels,
-        log_path=place.file("train_log.jsonl"),
+        val_rows=ctx.rows("validation"),
+        labels=ctx.labels,
+        log_path=ctx.place.file("train_log.jsonl"),
         callbacks=[_report_callback(spec_obj.metric)],
     )
     result = trainer.fit()

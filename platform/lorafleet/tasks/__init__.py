@@ -1,4 +1,9 @@
-"""Tasks: the prompt contract, target format, metrics and synthetic data of each task."""
+"""Tasks: the prompt contract, target format, metrics and synthetic data of each task.
+
+Also the one list of task names (`TASK_NAMES`) and of the served ones with their routes
+(`TASK_ROUTES`, `SERVED_TASKS`), which configs, serving, the CLI and the demo read. Importing this
+package loads no metric stack (rouge_score/nltk, sacrebleu load when a task first scores).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from lorafleet.tasks.base import Task, normalize_text, render_prompt
 from lorafleet.tasks.corpus import pretraining_corpus
 from lorafleet.tasks.text import TEXT
 
-__all__ = ["Task", "get_task", "TASK_NAMES", "render_prompt", "pretraining_corpus"]
+__all__ = ["Task", "get_task", "TASK_NAMES", "GENERATING_TASKS", "SERVED_TASKS", "TASK_ROUTES", "render_prompt",
+           "pretraining_corpus"]
 
 _TASKS: dict[str, Task] = {
     module.TASK.name: module.TASK
@@ -19,6 +25,19 @@ _TASKS: dict[str, Task] = {
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 # 'text' (plain language modelling) is internal: it pre-trains the tiny base model.
 _TASKS[TEXT.name] = TEXT
+# The tasks whose answer is generated, so a generation budget (`max_new_tokens`) applies to them;
+# classification picks the likeliest label instead, and 'text' only pre-trains.
+GENERATING_TASKS: tuple[str, ...] = tuple(name for name in TASK_NAMES if name != "classification")
+
+# Task -> its serving endpoint, whose request names the text after the task's first field
+# (`Task.fields[0]`: text, or question for qa). 'instruction' has none.
+TASK_ROUTES: dict[str, str] = {
+    "classification": "/v1/classify",
+    "summarization": "/v1/summarize",
+    "translation": "/v1/translate",
+    "qa": "/v1/qa",
+}
+SERVED_TASKS: tuple[str, ...] = tuple(TASK_ROUTES)
 
 
 def get_task(spec: Any) -> Task:
@@ -26,8 +45,8 @@ def get_task(spec: Any) -> Task:
 
     Args:
         spec: A task name, or a `TaskConfig` (anything with `name`, `labels`, `source_lang`,
-            `target_lang`, `instruction`): its settings replace the task's defaults (labels
-            lowercased and whitespace-normalised, as targets are).
+            `target_lang`, `instruction`, `max_new_tokens`): its settings replace the task's defaults
+            (labels lowercased and whitespace-normalised, as targets are).
 
     Raises:
         ValueError: the name is not a task; the message lists the valid names.
@@ -52,4 +71,7 @@ def _configured(task: Task, spec: Any) -> Task:
         value = getattr(spec, key, None)
         if value and field in fields:
             changes[field] = normalize_text(value)
+    budget = getattr(spec, "max_new_tokens", None)
+    if budget and task.name in GENERATING_TASKS:
+        changes["max_new_tokens"] = int(budget)
     return dataclasses.replace(task, **changes) if changes else task

@@ -7,11 +7,10 @@ learn to drop the small talk and rewrite the decision phrasing.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any
-
-from rouge_score import rouge_scorer
 
 from lorafleet.tasks.base import Task, check_lengths, normalize_text
 
@@ -65,7 +64,15 @@ _SMALL_TALK = [
     "We spent a while on holiday plans.",
     "{p} said hello to the new intern.",
 ]
-_SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+@functools.cache
+def _scorer() -> Any:
+    """One ROUGE scorer, built on first use: rouge_score loads nltk and absl (~2 s), which
+    `import lorafleet.tasks` (the CLI, configs, serving's task map) must not pay."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class SummarizationTask(Task):
         check_lengths(predictions, rows)
         totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
         for prediction, row in zip(predictions, rows):
-            scores = _SCORER.score(self.target(row), normalize_text(prediction))
+            scores = _scorer().score(self.target(row), normalize_text(prediction))
             for key in totals:
                 totals[key] += scores[key].fmeasure
         return {key: value / len(rows) if rows else 0.0 for key, value in totals.items()}

@@ -13,8 +13,6 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import sacrebleu
-
 from lorafleet.tasks.base import Task, check_lengths, normalize_text
 
 __all__ = ["TranslationTask", "TASK", "DICTIONARY", "PLURAL_SUFFIX", "translate"]
@@ -72,6 +70,8 @@ class TranslationTask(Task):
 
     def score(self, predictions: list[str], rows: list[dict[str, Any]]) -> dict[str, float]:
         """Corpus BLEU and chrF, divided by 100."""
+        import sacrebleu  # here, not at the top: `import lorafleet.tasks` stays free of the metric stacks
+
         check_lengths(predictions, rows)
         if not rows:
             return {"bleu": 0.0, "chrf": 0.0}

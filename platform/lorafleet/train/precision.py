@@ -7,7 +7,7 @@ The policy (one for every method, CPU and GPU alike):
   ``model.dtype`` and keep the memory saving. Most hub checkpoints are stored in bf16, so loading in
   bf16 and upcasting loses nothing.
 - The forward (training and validation) runs under ``torch.autocast`` in the compute dtype; FSDP
-  also gathers the parameters in it (``MixedPrecision``) and reduces gradients in fp32.
+  also gathers the parameters in it (``MixedPrecisionPolicy``) and reduces gradients in fp32.
 - fp16 has a narrow range: its losses are scaled by a GradScaler (FSDP: ShardedGradScaler).
 - ``model.dtype: float32`` computes in fp32 on CPU, and in bf16 on a GPU (fp16 + GradScaler on a
   GPU without bf16).
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Precision", "training_precision", "keep_trainable_fp32", "fsdp_mixed_precision"]
+__all__ = ["Precision", "compute_dtype", "keep_trainable_fp32", "training_precision"]
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
 
 
-def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the forward runs in for `model.dtype` on `device`; None: plain fp32 (see the module docstring)."""
     if device.type != "cuda":
         return None if dtype == "float32" else getattr(torch, dtype)
     bf16_ok = torch.cuda.is_bf16_supported()
@@ -52,7 +53,7 @@ def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
 
 def training_precision(dtype: str, device: torch.device, sharded: bool = False) -> Precision:
     """The precision a worker trains with for ``model.dtype`` on ``device`` (see the module docstring)."""
-    compute = _compute_dtype(dtype, device)
+    compute = compute_dtype(dtype, device)
     scaler = None
     if compute == torch.float16:
         if sharded:  # FSDP's scaler finds infs across every rank's shard
@@ -69,14 +70,3 @@ def keep_trainable_fp32(model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-
-
-def fsdp_mixed_precision(dtype: str, device: torch.device):
-    """FSDP's MixedPrecision for the compute dtype (None for fp32 compute): params gathered in it,
-    gradients reduced in fp32, buffers (e.g. rotary frequencies) left as they are."""
-    compute = _compute_dtype(dtype, device)
-    if compute is None:
-        return None
-    from torch.distributed.fsdp import MixedPrecision
-
-    return MixedPrecision(param_dtype=compute, reduce_dtype=torch.float32)

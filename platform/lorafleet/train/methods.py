@@ -5,12 +5,12 @@ Each function takes a loaded causal LM and returns the module to train. Nothing 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lorafleet.config import MethodConfig
+from lorafleet.head import HeadClassifier, freeze
 
-__all__ = ["apply_method", "count_params", "decoder_layers", "HeadClassifier", "last_token_hidden"]
+__all__ = ["apply_method", "count_params", "decoder_layers"]
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -29,36 +29,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"could not find the {n} decoder layers of {type(model).__name__}")
 
 
-def _freeze(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
-def last_token_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden state at each row's last real token (right padding)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    hidden = out.hidden_states[-1]
-    last = attention_mask.sum(dim=1) - 1
-    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-
-
-class HeadClassifier(nn.Module):
-    """A linear classification head on a frozen causal LM's last-token hidden state."""
-
-    def __init__(self, base: nn.Module, num_labels: int):
-        super().__init__()
-        self.base = base
-        _freeze(self.base)
-        self.head = nn.Linear(base.config.hidden_size, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            features = last_token_hidden(self.base, input_ids, attention_mask)
-        # The head keeps fp32 weights on a bf16/fp16 base: feed it features in its own dtype (under
-        # autocast the matmul still runs in the compute dtype).
-        return self.head(features.to(self.head.weight.dtype))
-
-
 def apply_method(model: nn.Module, method: MethodConfig, num_labels: int | None = None) -> nn.Module:
     """Return the model to train for `method` with the right parameters trainable."""
     if method.name == "full":
@@ -66,7 +36,7 @@ def apply_method(model: nn.Module, method: MethodConfig, num_labels: int | None 
             p.requires_grad_(True)
         return model
     if method.name == "partial":
-        _freeze(model)
+        freeze(model)
         layers = decoder_layers(model)
         if method.partial_layers > len(layers):
             raise ValueError(

@@ -6,87 +6,34 @@ checkpoint holds. Each worker gets its shard from Ray Data; rank 0 evaluates and
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import ray
 import ray.train
-from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
 from lorafleet.base_model import load_tokenizer
-from lorafleet.checkpoint import MODEL_DIR, STATE_FILE, evaluate_and_checkpoint, load_trainable, save_artifact
 from lorafleet.config import FinetuneConfig
-from lorafleet.data import IGNORE_INDEX
-from lorafleet.methods import count_params
-from lorafleet.precision import training_precision
-from lorafleet.steps import build_model, is_fsdp, optimizer_steps, wrap_model
 from lorafleet.tasks import get_task
+from lorafleet.train.checkpoint import MODEL_DIR, Validation, evaluate_and_checkpoint, load_trainable, restore_state
+from lorafleet.train.dataset import TrimPaddingCollate, build_scheduler
+from lorafleet.train.methods import count_params
+from lorafleet.train.precision import training_precision
+from lorafleet.train.fsdp import shard_model
+from lorafleet.train.steps import build_model, optimizer_steps, wrap_model
 from lorafleet.uri import append_line
 
-# MODEL_DIR, STATE_FILE and save_artifact live in lorafleet.checkpoint; imported here for callers.
-__all__ = ["build_dataset", "build_trainer", "train_loop_per_worker", "MODEL_DIR", "STATE_FILE", "save_artifact"]
-
-
-
-def build_dataset(encoded: list[dict[str, list[int]]], pad_id: int) -> ray.data.Dataset:
-    """Pad to one width (so rows are fixed-size arrays) and hand them to Ray Data for sharding."""
-    width = max(len(r["input_ids"]) for r in encoded)
-    label_width = max(len(r["labels"]) for r in encoded)
-    rows = []
-    for r in encoded:
-        n = len(r["input_ids"])
-        rows.append(
-            {
-                "input_ids": np.array(r["input_ids"] + [pad_id] * (width - n), dtype=np.int64),
-                "attention_mask": np.array([1] * n + [0] * (width - n), dtype=np.int64),
-                "labels": np.array(r["labels"] + [IGNORE_INDEX] * (label_width - len(r["labels"])), dtype=np.int64),
-            }
-        )
-    return ray.data.from_items(rows)
-
-
-def _collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    # Trim the padding this batch does not need: most steps then run on short sequences.
-    width = int(batch["attention_mask"].sum(axis=1).max())
-    out = {k: torch.as_tensor(v) for k, v in batch.items()}
-    out["input_ids"] = out["input_ids"][:, :width]
-    out["attention_mask"] = out["attention_mask"][:, :width]
-    if out["labels"].shape[1] > 1:  # causal LM labels align with input_ids; head labels are one index
-        out["labels"] = out["labels"][:, :width]
-    return out
-
-
-class TrimPaddingCollate(NumpyBatchCollateFn):
-    """Ray Data's collate hook (a class: plain functions are deprecated since Ray 2.47)."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return _collate(batch)
-
-
-def _lr_lambda(cfg: FinetuneConfig):
-    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        if cfg.train.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if cfg.train.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
+__all__ = ["build_trainer", "train_loop_per_worker"]
 
 
 def _quiet_report_logs() -> None:
@@ -104,7 +51,7 @@ def _quiet_report_logs() -> None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the model, restore, train, report, checkpoint."""
     # Over 60 lines on purpose: the worker's story reads top to bottom (STYLE.md); the per-step
-    # pieces are lorafleet.steps, the checkpoint ones lorafleet.checkpoint.
+    # pieces are lorafleet.train.steps, the checkpoint ones lorafleet.train.checkpoint.
     _quiet_report_logs()
     cfg = FinetuneConfig.model_validate(loop_config["config"])
     task = get_task(cfg.task)  # configured: the run's labels, languages and instruction
@@ -116,46 +63,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial adapter/head on every rank
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    model = build_model(cfg, len(labels) if labels else None)
+    device = ray.train.torch.get_device()
+    sharded = cfg.scaling.strategy == "fsdp"
+    # FSDP2: built on the meta device and sharded, no rank holds the whole model (train.fsdp); DDP: every
+    # rank holds all of it.
+    model = shard_model(cfg, device) if sharded else build_model(cfg, len(labels) if labels else None)
     trainable, total = count_params(model)
 
-    # Resume: after a worker failure Ray hands every worker the latest registered checkpoint.
-    # Weights load before wrapping, while every rank still holds the whole model.
-    step, resumed_from, state = 0, None, None
+    # Resume: after a worker failure (or --resume) Ray hands every worker the latest registered checkpoint.
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            load_trainable(model, cfg, Path(d) / MODEL_DIR)
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-
-    device = ray.train.torch.get_device()
-    model = wrap_model(model, cfg, device)
-    precision = training_precision(cfg.model.dtype, device, sharded=is_fsdp(model))
+    with contextlib.ExitStack() as opened:
+        ckpt = Path(opened.enter_context(checkpoint.as_directory())) if checkpoint else None
+        if ckpt is not None and not sharded:
+            load_trainable(model, cfg, ckpt / MODEL_DIR)  # before wrapping, while every rank holds the whole model
+        if not sharded:
+            model = wrap_model(model, cfg)
+        precision = training_precision(cfg.model.dtype, device, sharded=sharded)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = build_scheduler(optimizer, cfg)
+        position = restore_state(ckpt, model, optimizer, scheduler, precision) if ckpt else None
+    resumed_from = position["step"] if position else None
+    # Where the data stands: a resumed run continues its epoch after the batches it already trained on.
+    step, epoch, epoch_steps = (position["step"], position["epoch"], position["epoch_steps"]) if position else (0, 0, 0)
+    validation = Validation(cfg, task, tokenizer, val_rows[: cfg.train.eval_samples], labels, precision)
     # Where each rank runs (shown once in the log; the 2-node test checks one worker per node).
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-
-    if state is not None:
-        optim_state = state["optimizer"]
-        if is_fsdp(model):  # saved unsharded (see checkpoint.evaluate_and_checkpoint): shard it for this rank
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            optim_state = FullyShardedDataParallel.optim_state_dict_to_load(model, optimizer, optim_state)
-        optimizer.load_state_dict(optim_state)
-        scheduler.load_state_dict(state["scheduler"])
-        if precision.scaler and state.get("scaler"):
-            precision.scaler.load_state_dict(state["scaler"])
-        step = resumed_from = state["step"]
 
     progress = loop_config.get("progress_queue")
     log_path = loop_config.get("log_path")
     shard = ray.train.get_dataset_shard("train")
-    epoch = 0
     window_tokens, window_start, window_step = 0, time.perf_counter(), step
 
     while step < cfg.train.max_steps:
@@ -166,11 +106,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.train.batch_size * 8,
             local_shuffle_seed=cfg.train.seed + epoch * 1000 + rank,
         )
+        if epoch_steps:  # resumed mid-epoch: skip what was trained on (the order is the same every run)
+            batches = itertools.islice(batches, epoch_steps * cfg.train.grad_accum, None)
         model.train()
         for loss, tokens in optimizer_steps(model, batches, cfg, device=device, optimizer=optimizer,
                                             scheduler=scheduler, params=params, precision=precision):
             window_tokens += tokens * world
             step += 1
+            epoch_steps += 1
 
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
             if step % cfg.train.log_every and not is_eval:
@@ -192,9 +135,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["worker_nodes"], nodes = nodes, []
             ckpt = None
             if is_eval:
-                metrics.update(evaluate_and_checkpoint(model, tokenizer, cfg, task, val_rows, labels, optimizer,
-                                                        scheduler, step, rank, precision))
-                ckpt_dir = metrics.pop("_ckpt_dir", None)
+                position = {"step": step, "epoch": epoch, "epoch_steps": epoch_steps}
+                scores, ckpt_dir = evaluate_and_checkpoint(model, optimizer, scheduler, position, rank, validation)
+                metrics.update(scores)
                 ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
             metrics["peak_memory_mb"] = _peak_memory_mb(device)  # after evaluation, which can be the peak
             if rank == 0:
@@ -209,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_tokens, window_start, window_step = 0, time.perf_counter(), step
             if step >= cfg.train.max_steps:
                 break
-        epoch += 1
+        epoch, epoch_steps = epoch + 1, 0
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -222,7 +165,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _log(progress, log_path: str | None, metrics: dict[str, Any]) -> None:
-    record = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    record = dict(metrics)
     record["time"] = time.time()
     if progress is not None:
         try:
@@ -262,6 +205,7 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            accelerator_type=cfg.scaling.accelerator_type,
         ),
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(
