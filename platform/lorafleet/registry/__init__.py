@@ -10,7 +10,7 @@ checks in refs.py, the reserved file names in _constants.py. ``verify_folder`` /
 of a version, shared with serving's copies.
 
 Layers, each importing only those below it: _constants, errors, refs, metadata -> integrity -> storage, s3
--> layout, backends -> copies -> registry.
+-> layout, backends -> copies, publish (staging a new version) -> registry.
 Errors (errors.py): ``RegistryError``; ``ArtifactNotFoundError`` (unknown or removed name,
 version or alias: serving's 404) and ``LiveVersionError`` (a removal of the live version
 without ``force``) are its subclasses.

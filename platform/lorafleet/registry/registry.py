@@ -20,19 +20,16 @@ Example:
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorafleet.registry._constants import ALIASES_FILE, METADATA_FILE, TMP_PREFIX
+from lorafleet.registry._constants import ALIASES_FILE, METADATA_FILE
 from lorafleet.registry.backends import open_storage
 from lorafleet.registry.copies import copy_verified
 from lorafleet.registry.errors import ArtifactNotFoundError, LiveVersionError, RegistryError
 from lorafleet.registry.integrity import checksums
 from lorafleet.registry.layout import (
     Entry,
-    caller_metadata,
     load_entry,
     name_key,
     read_aliases,
@@ -46,13 +43,10 @@ from lorafleet.registry.refs import (
     validate_name,
     validate_selector,
 )
-from lorafleet.registry.storage import Storage, local_folder
+from lorafleet.registry.publish import check_inputs, stage_and_publish
+from lorafleet.registry.storage import Storage
 
 __all__ = ["Registry"]
-
-# Bound on publish retries; only reached if something keeps creating version folders.
-_MAX_RENAME_TRIES = 1000
-
 
 class Registry:
     """A versioned artifact store.
@@ -227,10 +221,10 @@ class Registry:
         Raises RegistryError for an invalid name, a ``src_dir`` that is not a folder, or
         metadata that is not a JSON-serialisable dict.
         """
-        src, meta = _check_inputs(name, src_dir, metadata)
+        src, meta = check_inputs(name, src_dir, metadata)
         folder = name_key(self.storage, name)
         self.storage.make_dirs(folder)
-        version = self._stage_and_publish(name, src, meta)
+        version = stage_and_publish(self.storage, name, src, meta)
         with self.storage.lock(folder):
             aliases = read_aliases(self.storage, name)
             # "Has no live" rather than "is version 1": also covers a name whose live
@@ -239,53 +233,6 @@ class Registry:
                 aliases[LIVE] = version
                 self.storage.write_json(f"{folder}/{ALIASES_FILE}", aliases)
         return load_entry(self.storage, name, version, aliases)
-
-    def _stage_and_publish(self, name: str, src: Path, meta: dict[str, Any]) -> str:
-        """Copy ``src`` to a staging key, hash it, publish it; returns the new version."""
-        tmp = f"{name_key(self.storage, name)}/{TMP_PREFIX}{uuid.uuid4().hex}"
-        self.storage.check_inside(tmp)
-        try:
-            try:
-                self.storage.copy_in(src, tmp, exclude=(METADATA_FILE,))
-            except OSError as exc:
-                # e.g. a dangling symlink or unreadable file in the source folder.
-                raise RegistryError(
-                    f"cannot copy {src} into the registry: {exc}; fix or remove the "
-                    "offending files and register again"
-                ) from None
-            files, size = self.storage.hash_files(tmp, exclude=(METADATA_FILE,))
-            meta.update(
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                files=files,
-                size_bytes=size,
-                name=name,
-            )
-            return self._publish_next(name, tmp, meta)
-        except BaseException:
-            self.storage.discard(tmp)
-            raise
-
-    def _publish_next(self, name: str, tmp: str, meta: dict[str, Any]) -> str:
-        """Publish ``tmp`` as the next free version number, retrying past taken ones.
-
-        The version number is inside lorafleet.json, so it is rewritten before each try.
-        """
-        folder = name_key(self.storage, name)
-        candidate = 0
-        for _ in range(_MAX_RENAME_TRIES):
-            # Count every numeric folder (finished or not) so junk never blocks a number.
-            taken = version_numbers(self.storage, name, valid_only=False)
-            candidate = max(candidate, taken[-1] if taken else 0) + 1
-            version = str(candidate)
-            meta["version"] = version
-            self.storage.write_json(f"{tmp}/{METADATA_FILE}", meta)
-            if self.storage.publish(tmp, f"{folder}/{version}"):
-                return version
-        raise RegistryError(  # pragma: no cover - needs a pathological writer
-            f"could not find a free version number for {name!r} after "
-            f"{_MAX_RENAME_TRIES} tries; check {self.storage.locate(folder)} for stray "
-            "numeric folders"
-        )
 
     def promote(self, name: str, version: str, alias: str = LIVE) -> Entry:
         """Point ``alias`` of ``name`` at ``version``.
@@ -367,15 +314,3 @@ class Registry:
             if kept != aliases:
                 self.storage.write_json(f"{folder}/{ALIASES_FILE}", kept)
         return [target]
-
-
-def _check_inputs(name: str, src_dir: str | Path, metadata: Any) -> tuple[Path, dict[str, Any]]:
-    """Validate ``register``'s inputs before anything is written; returns (src, caller metadata)."""
-    validate_name(name)
-    src = local_folder(src_dir)
-    if src is None:
-        raise RegistryError(
-            f"cannot register {name!r}: {Path(src_dir).expanduser()} is not a folder; pass the "
-            "folder the training run saved (e.g. its adapter/ or model/ folder)"
-        )
-    return src, caller_metadata(name, metadata)
