@@ -21,13 +21,16 @@ from pathlib import Path
 import psutil
 
 __all__ = [
-    "LORAFLEET", "REPO", "VENV_BIN", "built_base", "cli_env", "free_port", "kill_all", "last_json",
+    "LORAFLEET", "MODELS", "REPO", "VENV_BIN", "built_base", "cli_env", "free_port", "kill_all", "last_json",
     "moto_s3", "processes_mentioning", "run_cli", "stop_tree",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 LORAFLEET = str(VENV_BIN / "lorafleet")
+# The home `make test` built the models in, read once at import: in-process CLI tests (`main([... "--home",
+# ...])`) move LORAFLEET_HOME for the rest of the session.
+MODELS = Path(os.environ.get("LORAFLEET_HOME", REPO / ".lorafleet")).resolve() / "models"
 
 
 def built_base() -> Path:

@@ -11,11 +11,12 @@ import json
 
 import pytest
 
-# A random LoRA adapter (serving.testing.make_lora_adapter, seed 5) on the session's tiny base answers
-# these two synthetic summarization test rows (indices among the first 8) with 64 and 67 tokens, each
-# ended by its own EOS: complete answers, longer than the old budget and shorter than the new one
-# (measured 2026-12-07; the test checks it again below, so another base fails loudly, not vacuously).
-SEED, ROWS = 5, (2, 6)
+# A random LoRA adapter (serving.testing.make_lora_adapter, seed 5) on the session's tiny base. Which of
+# the synthetic summarization test rows it answers at length depends on the base model's weights (the
+# base build differs slightly from one machine to another), so the test picks, among the first 16 rows,
+# those whose complete greedy answer (ended by its own EOS) is 56 to 119 tokens long: over the old budget
+# and under the new one. On 2026-12-07 two fresh builds gave answers of 64/67 and 78/130 tokens there.
+SEED, CANDIDATES = 5, 16
 
 
 def test_a_summarization_adapter_scores_its_full_answers_with_a_larger_budget(base_model, tmp_path, monkeypatch):
@@ -30,13 +31,16 @@ def test_a_summarization_adapter_scores_its_full_answers_with_a_larger_budget(ba
     monkeypatch.delenv("LORAFLEET_REGISTRY", raising=False)
     task = get_task("summarization")
     adapter = make_lora_adapter(base_model, tmp_path / "adapter", seed=SEED)
-    rows = [task.synthetic("test", 8)[i] for i in ROWS]
+    candidates = task.synthetic("test", CANDIDATES)
     # The references are the adapter's own complete answers (greedy, room for 128 tokens): a perfect
     # score means every answer was generated whole.
     model, tok, _ = load_for_eval(adapter, str(base_model))
-    answers = [a.strip() for a in generate(model, tok, [prompt_ids(tok, task.instruction(r)) for r in rows], 128)]
-    lengths = [len(target_ids(tok, a)) - 1 for a in answers]  # tokens of the answer, EOS not counted
-    assert all(48 < n < 120 for n in lengths), lengths  # over the old budget; ended by EOS, not by the budget
+    generated = [a.strip() for a in generate(model, tok, [prompt_ids(tok, task.instruction(r)) for r in candidates], 128)]
+    lengths = [len(target_ids(tok, a)) - 1 for a in generated]  # tokens of the answer, EOS not counted
+    # Over the old budget by 8+ tokens; ended by EOS, not by the budget.
+    picked = [i for i, n in enumerate(lengths) if 56 <= n < 120][:2]
+    assert picked, f"no row answered with 56-119 tokens on this base: {lengths}"
+    rows, answers = [candidates[i] for i in picked], [generated[i] for i in picked]
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"text": r["text"], "summary": a}) + "\n" for r, a in zip(rows, answers)))
 
@@ -52,6 +56,5 @@ def test_a_summarization_adapter_scores_its_full_answers_with_a_larger_budget(ba
     # The old budget: `--set task.max_new_tokens=null` is the task's default, 48.
     old = evaluate_artifact(ref, home=tmp_path, overrides=["task.max_new_tokens=null"])["metrics"]
     assert full["rougeL"] == pytest.approx(1.0, abs=1e-9), full  # the whole answer, token for token
-    # Cut at 48 of 64 and 67 tokens. Measured 0.829 (2026-12-07, these rows); the bound leaves room
-    # for small changes of the base, while a budget that reached 128 scores 1.0.
-    assert old["rougeL"] < 0.9, old
+    # Cut at 48 of 56+ tokens: recall below 1 (0.829 for answers of 64 and 67 tokens, 2026-12-07).
+    assert old["rougeL"] < 0.95, (old, [lengths[i] for i in picked])

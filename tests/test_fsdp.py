@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port, last_json, run_cli
+from helpers import MODELS, free_port, last_json, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def test_fsdp_rank_holds_about_half_of_smollm2(method, tmp_path):
 
     from lorafleet.base_import import SMOLLM2_NAME
 
-    smollm2 = Path(os.environ.get("LORAFLEET_HOME", Path(__file__).parents[1] / ".lorafleet")) / "models" / SMOLLM2_NAME
+    smollm2 = MODELS / SMOLLM2_NAME
     if not (smollm2 / "config.json").exists():
         pytest.skip("SmolLM2 not converted (make smollm2)")
     mp.spawn(_state_bytes, args=(1, 0, str(smollm2), method, str(tmp_path)), nprocs=1)

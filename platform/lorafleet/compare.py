@@ -57,7 +57,14 @@ class RungResult(Measures):
     status: str = "ok"  # "failed": the rung raised (out of memory, infeasible, ...); `notes` says why
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The row as ladder.json and `--json` print it: the ladder's columns first, as they always were."""
+        row = asdict(self)
+        return {k: row[k] for k in _ROW_KEYS} | row
+
+
+_ROW_KEYS = ("rung", "kind", "method", "metric", "value", "test_metrics", "trainable_params", "total_params",
+             "wall_time_s", "peak_memory_mb", "artifact_bytes", "tokens_per_s", "devices", "device_hours", "cost",
+             "steps", "rank", "run_dir", "artifact_dir", "registered", "notes")
 
 
 def failed_rung(rung: str, ladder: Ladder, err: BaseException) -> RungResult:

@@ -54,7 +54,14 @@ class RunSummary(Measures):
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "history"}
+        """The summary as `summary.json` and `--json` print it: every field but the history, run_name
+        first (scripts find the line by it), in the order these keys have always had."""
+        return {k: getattr(self, k) for k in _SUMMARY_KEYS}
+
+
+_SUMMARY_KEYS = ("run_name", "run_dir", "method", "task", "test_metrics", "trainable_params", "total_params",
+                 "wall_time_s", "steps", "artifact_dir", "peak_memory_mb", "tokens_per_s", "artifact_bytes",
+                 "worker_nodes", "registered")
 
 
 def score_model_dir(model_dir: str | Path, cfg: FinetuneConfig, rows: list[dict[str, Any]],
