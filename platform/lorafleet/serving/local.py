@@ -42,17 +42,21 @@ LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "RAY_E
 
 def private_haproxy() -> Path:
     """Ray Serve's HAProxy for the local Ray about to start: its files in a private folder of this
-    process (the folder, to remove on exit), its stats page and Prometheus frontend off (values
-    already set win), and Ray's haproxy.cfg template rewritten (listeners on the HTTP host, admin
-    socket 0600; see lorafleet.serving._ray_serve). Call it before that Ray starts and before
+    process (the folder, to remove on exit), its stats page and Prometheus frontend off, Ray Serve's
+    fallback proxy on a free port instead of 8500 (values already set win), and Ray's haproxy.cfg
+    template rewritten (listeners on the HTTP host, admin socket 0600; see lorafleet.serving._ray_serve). Call it before that Ray starts and before
     ``ray.serve`` is imported here; the template is rewritten here too, so a Ray release whose
     template differs stops `lorafleet serve` at once."""
+    from lorafleet.cluster import free_port
     from lorafleet.serving._ray_serve import patch_haproxy_template
     from lorafleet.serving.haproxy import haproxy_env, private_folder
 
     folder = private_folder()
     for key, value in haproxy_env(folder).items():
         os.environ.setdefault(key, value)
+    # Ray Serve's fallback proxy, which HAProxy mode starts on the head node, binds 8500 unless told
+    # otherwise: a second local server on the machine would stop there. A free port of its own instead.
+    os.environ.setdefault("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", str(free_port()))
     patch_haproxy_template()
     return folder
 

