@@ -222,6 +222,26 @@ def _registered_steps(bucket: str, run: str) -> list[int]:
         return []
 
 
+def test_export_from_an_s3_registry_is_the_checked_copy(bucket, tmp_path):
+    """`adapters export` reads an s3 version through the registry's verified copy: a tampered object is refused."""
+    from lorafleet.export import export_artifact
+    from lorafleet.registry import Registry, RegistryError
+
+    reg = Registry(f"s3://{bucket}/registry")
+    src = make_adapter(tmp_path / "a", "a")
+    reg.register("m", src, {"task": "classification", "method": "lora", "base_model": "acme/base"})
+    result = export_artifact(reg, "m", tmp_path / "out")
+    out = Path(result.out)
+    assert (out / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+    assert json.loads((out / "adapter_config.json").read_text()) == {"base_model_name_or_path": "acme/base", "r": 8,
+                                                                     "tag": "a"}
+    assert (out / "tokenizer" / "vocab.txt").is_file() and (out / "README.md").is_file()
+    _s3().put_object(Bucket=bucket, Key="registry/m/1/adapter_model.safetensors", Body=b"tampered")
+    with pytest.raises(RegistryError, match="does not match its sha256"):
+        export_artifact(reg, "m", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.slow
 def test_train_from_s3_data_into_an_s3_home_and_resume_a_killed_driver(bucket, home, base_model):
     data = f"s3://{bucket}/data/feedback.jsonl"

@@ -1,9 +1,10 @@
-"""`lorafleet adapters list|show|promote|rm`: the artifact registry.
+"""`lorafleet adapters list|show|promote|rm|export`: the artifact registry.
 
 `rm NAME` (every version) and `rm NAME VERSION` of the live version need `--force`: the live version
 is what serving answers NAME with. `promote` does not refuse a DoRA adapter (the registry holds
 artifacts for eval and comparison too, and `NAME@VERSION` reaches serving whatever `live` says); it
 warns that serving refuses it, and serving itself refuses it with a 422 (serving/compat.py).
+`export` writes a version out of lorafleet (a peft folder, or merged into its base): `lorafleet.export`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-__all__ = ["add_parser", "cmd_adapters"]
+__all__ = ["add_parser", "cmd_adapters", "cmd_export"]
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -42,6 +44,28 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     elif args.action == "rm":
         for e in _remove(reg, args):
             print(f"removed {e.ref}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`adapters export REF --out DIR`: print what was written (or, with --json, the result as one line)."""
+    from lorafleet.config import registry_root
+    from lorafleet.export import export_artifact
+    from lorafleet.registry import Registry
+
+    result = export_artifact(Registry(registry_root()), args.ref, args.out, merge=args.merge, dtype=args.dtype,
+                             base=args.base, force=args.force, push_to_hub=args.push_to_hub)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    what = {"adapter": "peft adapter", "merged": "merged into its base", "model": "whole model"}[result.kind]
+    print(f"exported {result.ref} ({what}, {result.dtype or 'dtype as trained'}) to {result.out}")
+    for rel, size in result.files.items():
+        print(f"  {rel:<32} {size:>12,} bytes")
+    local = "/" in result.base and Path(result.base).expanduser().exists()
+    print(f"base: {result.base}" + (" (a local folder; --base HUB_ID names a hub id instead)" if local else ""))
+    if result.hub_url:
+        print(f"pushed: {result.hub_url}")
     return 0
 
 
@@ -80,3 +104,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also remove the live version (what serving answers NAME with); required for NAME alone")
     for action in ("list", "show", "promote", "rm"):
         ad.choices[action].set_defaults(fn=cmd_adapters)
+    p = ad.add_parser("export", help="write a version out: a peft folder + model card, or --merge: a plain HF model")
+    p.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (refused if not empty, "
+                   "unless --force)")
+    p.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into its base (merge_and_unload) "
+                   "and save the whole model, which transformers loads and vLLM serves without peft")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="the weights' dtype; default: the base's "
+                   "(--merge), as stored (a full/partial model), as trained (a peft folder)")
+    p.add_argument("--base", metavar="NAME_OR_DIR", help="the base to name in adapter_config.json and the card "
+                   "(e.g. a hub id) and, with --merge, to load (a local folder); its fingerprint must match the "
+                   "recorded one. Default: the base it was trained on")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face model repo "
+                   "(huggingface_hub; needs HF_TOKEN or `hf auth login`, and HF_HUB_OFFLINE unset)")
+    p.add_argument("--json", action="store_true", help="the result (files, dtype, base, hub URL) as one JSON line")
+    p.set_defaults(fn=cmd_export)
