@@ -15,6 +15,7 @@ def test_every_command_is_in_the_table_and_takes_home(tmp_path: Path) -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     assert list(sub.choices) == list(COMMANDS)
     argv = {"base": ["base", "build"], "train": ["train", "x.yaml"], "eval": ["eval", "base"],
+            "predict": ["predict", "a", "d.jsonl", "--out", "o"],
             "adapters": ["adapters", "list"], "serve": ["serve"], "ask": ["ask", "qa", "why"],
             "rag": ["rag", "search", "q", "--collection", "kb"], "sweep": ["sweep"],
             "compare": ["compare", "c.yaml"], "prompts": ["prompts", "c.yaml"], "plan": ["plan", "c.yaml"]}

@@ -10,10 +10,12 @@ as MinIO or moto), Application Default Credentials for gs. The registry's object
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["append_line", "download", "exists", "is_uri", "join", "parent_and_name", "read_text", "write_text"]
+__all__ = ["append_line", "download", "exists", "is_uri", "join", "list_names", "parent_and_name", "read_text",
+           "write_bytes", "write_text"]
 
 SCHEMES = ("s3://", "gs://", "gcs://", "abfss://")
 
@@ -75,6 +77,33 @@ def write_text(location: str | Path, text: str) -> None:
     fs, path = _fs(str(location))
     with fs.open_output_stream(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``location`` whole: a local file appears at once (written beside it, then
+    renamed), an object is replaced whole by the store."""
+    if not is_uri(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, key = _fs(str(location))
+    with fs.open_output_stream(key) as f:
+        f.write(data)
+
+
+def list_names(folder: str | Path) -> list[str]:
+    """Names of the files directly in ``folder`` (none if it does not exist)."""
+    if not is_uri(folder):
+        path = Path(folder)
+        return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    import pyarrow.fs
+
+    fs, key = _fs(str(folder).rstrip("/"))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(key, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.File)
 
 
 _mirrors: dict[str, Path] = {}  # object-store file -> its local copy in this process (append_line)

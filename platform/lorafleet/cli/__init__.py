@@ -6,7 +6,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from lorafleet.cli import adapters, compare, plan, serve, sweep, train
+from lorafleet.cli import adapters, compare, plan, predict, serve, sweep, train
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -16,6 +16,7 @@ COMMANDS: dict[str, ModuleType] = {
     "base": train,
     "train": train,
     "eval": train,
+    "predict": predict,
     "plan": plan,
     "adapters": adapters,
     "serve": serve,
