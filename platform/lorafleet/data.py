@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from lorafleet.tasks import Task, render_prompt
 from lorafleet.tasks.base import render_chat
+from lorafleet.tasks.formats import read_format
 from lorafleet.uri import download, is_uri
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def read_split(
     fields: dict[str, str] | None = None,
     synthetic_n: int | None = None,
     seed: int = 0,
+    data_format: str = "auto",
 ) -> list[Example]:
     """Read and validate one split. Raises DataError naming the first bad row's file and line.
 
@@ -101,7 +103,11 @@ def read_split(
         task: the task whose fields the rows must carry.
         split: 'train', 'validation' or 'test' (picks the synthetic generator's split).
         fields: task field -> column name mapping for user data.
+        data_format: instruction rows' format (`data.format`, `lorafleet.tasks.formats`): 'auto' (by each
+            row's fields), 'messages', 'sharegpt' or 'alpaca'; rows are read into the task's own shape.
     """
+    if data_format != "auto" and task.name != "instruction":
+        raise ValueError(f"data format {data_format!r} is for task 'instruction', not {task.name!r}")
     if source == "synthetic":
         rows = task.synthetic(split, synthetic_n, seed=seed)
         items: Iterator[tuple[str, dict[str, Any]]] = (
@@ -131,7 +137,10 @@ def read_split(
         for field, column in mapping.items():
             if column in raw:
                 row[field] = raw[column]
-        problem = task.validate_row(row)
+        problem = None
+        if task.name == "instruction":  # synthetic rows are in the task's own shape whatever data.format says
+            row, problem = read_format(row, "auto" if source == "synthetic" else data_format)
+        problem = problem or task.validate_row(row)
         if problem:
             hint = f" (field mapping: {mapping})" if mapping else ""
             raise DataError(f"{where}: {problem}{hint}")
@@ -144,7 +153,7 @@ def read_split(
 def read_data_split(data: DataConfig, task: Task, split: str) -> list[Example]:
     """One split as a run's `data:` section names it (the source, field mapping, synthetic size and seed): how training, evaluation and the sweep all read data."""
     return read_split(getattr(data, split), task, split, fields=data.fields,
-                      synthetic_n=data.synthetic_sizes.get(split), seed=data.seed)
+                      synthetic_n=data.synthetic_sizes.get(split), seed=data.seed, data_format=data.format)
 
 
 def prompt_ids(tokenizer, instruction: str) -> list[int]:
