@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 
 __all__ = [
-    "LORAFLEET", "MODELS", "REPO", "VENV_BIN", "built_base", "cli_env", "free_port", "kill_all", "last_json",
-    "moto_s3", "processes_mentioning", "run_cli", "stop_tree",
+    "LORAFLEET", "MLFLOW_SERVER", "MODELS", "REPO", "VENV_BIN", "MlflowServer", "built_base", "cli_env", "free_port",
+    "kill_all", "last_json", "mlflow_children", "moto_s3", "processes_mentioning", "run_cli", "stop_tree",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,3 +177,55 @@ def moto_s3() -> Iterator[dict[str, str]]:
             else:
                 os.environ[k] = v
         stop_tree(proc, signal.SIGTERM, wait=10)
+
+
+# The MLflow server runs from its own environment (`make venv` builds .venv-mlflow): the full `mlflow`
+# package pins pyarrow<26 and cryptography<51, older than what this one holds; lorafleet itself needs
+# only the client (the `tracking` extra). LORAFLEET_MLFLOW_SERVER names another `mlflow` executable.
+MLFLOW_SERVER = Path(os.environ.get("LORAFLEET_MLFLOW_SERVER", REPO / ".venv-mlflow" / "bin" / "mlflow"))
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback (sqlite backend, artifacts proxied into a folder), started
+    without waiting: a job that logs to it meanwhile starts Ray, and MLflow's client retries until
+    the server answers. `client()` waits for it."""
+
+    def __init__(self, root: Path):
+        assert MLFLOW_SERVER.is_file(), f"{MLFLOW_SERVER} not found: `make venv` builds .venv-mlflow"
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        self.log = root / "server.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [str(MLFLOW_SERVER), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                 "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 180) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while True:
+            assert self.proc.poll() is None, f"mlflow server exited:\n{self.log.read_text()[-3000:]}"
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            assert time.time() < deadline, f"mlflow server not up in {timeout} s:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.25)
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        self.wait()
+        return MlflowClient(tracking_uri=self.uri)
+
+    def stop(self) -> None:
+        stop_tree(self.proc, signal.SIGTERM, wait=10, group=True)
+
+
+def mlflow_children(client, parent_id: str) -> dict[str, object]:
+    """The runs nested under `parent_id` (MLflow's parent tag), by run name."""
+    exp = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=100)
+    return {r.info.run_name: r for r in runs}

@@ -209,13 +209,18 @@ def test_prompt_lab_on_the_ladder_adapter_reproduces_its_metric(ladder_run, home
 
 
 @pytest.mark.slow
-def test_ladder_rungs_are_deterministic(ladder_run, tmp_path):
+def test_ladder_rungs_are_deterministic(ladder_run, tmp_path, mlflow_server):
     """Same seeds, same data, same metric: a second job re-runs zero_shot and lora. Between them a rung
     that fails (partial, asked for more blocks than the model has) is reported as failed, with its reason,
-    ranked last, and the ladder goes on (issue 30)."""
+    ranked last, and the ladder goes on (issue 30). This job also logs to an MLflow server and TensorBoard
+    (issue 33): what they hold is checked at the end (test_tracking.check_ladder_tracked)."""
+    from tracking_checks import check_ladder_tracked
+
     rows, _, env = ladder_run
+    tracking = [f"base.tracking.mlflow.tracking_uri={mlflow_server.uri}", "base.tracking.mlflow.experiment=ladders",
+                f"base.tracking.tensorboard.dir={tmp_path / 'tb'}"]
     again = _run_job(tmp_path / "again", env, ["rungs=[zero_shot,partial,lora]",
-                                               "overrides.partial={method.partial_layers: 99}"])
+                                               "overrides.partial={method.partial_layers: 99}", *tracking])
     first = {r["rung"]: r for r in rows}
     failed = [r for r in again if r["status"] == "failed"]
     assert [r["rung"] for r in failed] == ["partial"] and failed[0]["rank"] == 3, again
@@ -225,3 +230,4 @@ def test_ladder_rungs_are_deterministic(ladder_run, tmp_path):
         if r["status"] == "ok":
             assert r["test_metrics"] == first[r["rung"]]["test_metrics"], r["rung"]
     assert "| partial | failed |" in (tmp_path / "again" / "report.md").read_text()
+    check_ladder_tracked(mlflow_server.client(), tmp_path / "again", again, tmp_path / "tb")

@@ -179,9 +179,13 @@ def _terminated(sweep_dir: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, str], tmp_path: Path) -> None:
+def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, str], tmp_path: Path,
+                                                     mlflow_server) -> None:
+    from tracking_checks import check_sweep_tracked
+
     ray_tmp = Path(f"/tmp/lfsw-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
-    env = {**env, "RAY_TMPDIR": str(ray_tmp)}
+    # Both drivers also log the sweep to an MLflow server, named the way a team names theirs (issue 33).
+    env = {**env, "RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": mlflow_server.uri}
     name = f"sweep-{uuid.uuid4().hex[:6]}"
     sweep_dir = home / "sweeps" / name
     log = (tmp_path / "driver.log").open("w")
@@ -256,3 +260,4 @@ def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, 
     assert f"registered {ref}" in table
     png = sweep_dir / PLOT_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    check_sweep_tracked(mlflow_server.client(), sweep_dir, results)

@@ -33,6 +33,7 @@ from lorafleet.cluster import init_ray
 from lorafleet.train.clusters import Cluster, running_cluster
 from lorafleet.train.context import read_rows, task_labels
 from lorafleet.train.plan import refuse_misfits
+from lorafleet.tracking import Tracker, attach_run, start_run
 from lorafleet.train.results import Measures, dir_bytes
 from lorafleet.tasks import get_task
 
@@ -55,6 +56,7 @@ class RungResult(Measures):
     rank: int = 0
     notes: str = ""
     status: str = "ok"  # "failed": the rung raised (out of memory, infeasible, ...); `notes` says why
+    tracking_run_id: str | None = None  # the rung's MLflow run, when tracked
 
     def as_dict(self) -> dict[str, Any]:
         """The row as ladder.json and `--json` print it: the ladder's columns first, as they always were."""
@@ -169,13 +171,14 @@ def _run_prompt_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder) -> RungResu
     )
 
 
-def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Path, progress: bool) -> RungResult:
+def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Path, progress: bool,
+                    tracker: Tracker | None) -> RungResult:
     from lorafleet.train.recipe import finetune
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.storage_path = str(out_dir / "runs")
     cfg.run.name = None  # unique run names: reusing one would silently resume an old run
-    s = finetune(cfg, registry_root=registry_root(ladder.home), progress=progress)
+    s = finetune(cfg, registry_root=registry_root(ladder.home), progress=progress, tracking_parent=tracker)
     artifact = Path(s.artifact_dir)  # inside the rung's run folder, under the ladder's folder
     task = get_task(cfg.task.name)
     devices = _devices(cfg, rung)
@@ -192,15 +195,49 @@ def _run_train_rung(rung: str, cfg: FinetuneConfig, ladder: Ladder, out_dir: Pat
     return RungResult(
         **measures, rung=rung, kind="train", method=s.method, metric=task.primary_metric,
         value=s.test_metrics.get(task.primary_metric, 0.0), devices=devices, device_hours=hours, cost=cost, notes=notes,
+        tracking_run_id=s.tracking_run_id,
     )
 
 
-def run_rung(rung: str, ladder: Ladder, out_dir: Path, *, progress: bool = False) -> RungResult:
-    """Run one rung of `ladder` for real and return what it measured."""
+def run_rung(rung: str, ladder: Ladder, out_dir: Path, *, progress: bool = False,
+             tracker: Tracker | None = None) -> RungResult:
+    """Run one rung of `ladder` for real and return what it measured; with `tracker` (the ladder's
+    tracked run), the rung is its child run: a training rung's is `finetune`'s own run."""
     cfg = ladder.rungs[rung]
-    if rung in PROMPT_RUNGS:
-        return _run_prompt_rung(rung, cfg, ladder)
-    return _run_train_rung(rung, cfg, ladder, out_dir, progress)
+    if rung not in PROMPT_RUNGS:
+        return _run_train_rung(rung, cfg, ladder, out_dir, progress, tracker)
+    child = tracker.child(f"{out_dir.name}-{rung}", config=cfg.model_dump(mode="json"),
+                          tags={"lorafleet.kind": "rung", "lorafleet.rung": rung}) if tracker else None
+    try:
+        row = _run_prompt_rung(rung, cfg, ladder)
+    except BaseException:
+        if child is not None:
+            child.finish(ok=False)
+        raise
+    if child is not None:
+        child.log_metrics({f"test_{k}": v for k, v in row.test_metrics.items()}
+                          | {"total_params": row.total_params, "wall_time_s": row.wall_time_s,
+                             "peak_memory_mb": row.peak_memory_mb, "tokens_per_s": row.tokens_per_s})
+        child.finish()
+        row.tracking_run_id = child.run_id
+    return row
+
+
+def _track_rows(tracker: Tracker, rows: list[RungResult], out_dir: Path, ok: bool) -> None:
+    """The ladder's results: each rung's ladder columns (value, rank, cost) on its own run, every rung's
+    value on the ladder's run (one metric per rung), and the report's files; then the ladder's run ends."""
+    from lorafleet.report import REPORT_FILES
+
+    for r in rows:
+        if r.tracking_run_id:
+            rung = attach_run(tracker.settings, r.rung, r.tracking_run_id)
+            rung.log_metrics({k: v for k, v in {"value": r.value, "rank": r.rank, "cost": r.cost, "devices": r.devices,
+                                               "device_hours": r.device_hours}.items() if v is not None})
+            rung.set_tags({"lorafleet.rung": r.rung, "lorafleet.notes": r.notes})
+    tracker.log_metrics({f"{r.rung}_{r.metric}": r.value for r in rows if r.value is not None})
+    tracker.set_tags({"lorafleet.failed_rungs": ",".join(r.rung for r in rows if r.status != "ok") or None})
+    tracker.log_files([out_dir / name for name in REPORT_FILES.values()] + [out_dir / "compare-config.yaml"])
+    tracker.finish(ok)
 
 
 def rank_rows(rows: list[RungResult], mode: str) -> list[RungResult]:
@@ -246,11 +283,28 @@ def run_ladder(ladder: Ladder, out_dir: str | Path | None = None, *, progress: b
         refuse_rung_misfits(ladder, running_cluster())
     out_dir = new_output_dir(ladder, out_dir)
     log(f"[compare] {ladder.task.name}: rungs {list(ladder.rungs)} -> {out_dir}")
+    # The ladder's tracked run (the training config's tracking: block); each rung is a child run.
+    tracker = start_run(next(iter(ladder.rungs.values())).tracking, out_dir.name,
+                        config=ladder.config.model_dump(mode="json"),
+                        tags={"lorafleet.kind": "ladder", "lorafleet.ladder_dir": str(out_dir)})
+    try:
+        rows = _run_rungs(ladder, out_dir, progress, log, tracker)
+        rank_rows(rows, ladder.task.mode)
+        write_report(rows, out_dir, ladder)
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
+    _track_rows(tracker, rows, out_dir, ok=True)
+    return rows, out_dir
+
+
+def _run_rungs(ladder: Ladder, out_dir: Path, progress: bool, log: Callable[[str], None],
+               tracker: Tracker) -> list[RungResult]:
     rows: list[RungResult] = []
     for rung in ladder.rungs:
         log(f"[compare] rung {rung}: running")
         try:
-            row = run_rung(rung, ladder, out_dir, progress=progress)
+            row = run_rung(rung, ladder, out_dir, progress=progress, tracker=tracker if tracker.enabled else None)
         except Exception as err:  # noqa: BLE001 - one rung's failure (out of memory, infeasible) ends only that rung
             row = failed_rung(rung, ladder, err)
             log(f"[compare] rung {rung}: {row.notes}; going on with the next rung")
@@ -259,6 +313,4 @@ def run_ladder(ladder: Ladder, out_dir: str | Path | None = None, *, progress: b
         log(f"[compare] rung {rung}: {row.metric}={row.value:.4f} trainable={row.trainable_params:,} "
             f"wall={row.wall_time_s:.1f}s peak={row.peak_memory_mb:.0f}MB")
         rows.append(row)
-    rank_rows(rows, ladder.task.mode)
-    write_report(rows, out_dir, ladder)
-    return rows, out_dir
+    return rows

@@ -10,6 +10,7 @@ from lorafleet.report.sweep import print_table
 from lorafleet.cluster import init_ray
 from lorafleet.sweep.results import SweepReport, register_best, summarize, write_outputs
 from lorafleet.sweep.spec import SweepSpec, read_spec, variant_configs
+from lorafleet.sweep.tracking import finish_sweep, start_sweep
 from lorafleet.sweep.tuner import build_tuner, read_events, restore_tuner
 from lorafleet.train.clusters import Cluster, running_cluster
 from lorafleet.train.plan import refuse_misfits
@@ -17,10 +18,19 @@ from lorafleet.train.plan import refuse_misfits
 __all__ = ["run_sweep", "resume_sweep"]
 
 
-def _finish(spec: SweepSpec, grid, started: float, promote: bool, console=None) -> SweepReport:
-    report = register_best(spec, summarize(spec, grid, time.time() - started), promote)
-    text = print_table(report, console)
-    write_outputs(report, text)
+def _finish(spec: SweepSpec, tuner, started: float, promote: bool, console=None) -> SweepReport:
+    """Run the trials, then rank, register, report; the sweep's tracked run (parent of the trials') ends
+    with it, FAILED if anything raised."""
+    tracker = start_sweep(spec)
+    try:
+        grid = tuner.fit()
+        report = register_best(spec, summarize(spec, grid, time.time() - started), promote)
+        text = print_table(report, console)
+        write_outputs(report, text)
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
+    finish_sweep(spec, tracker, report)
     return report
 
 
@@ -41,8 +51,7 @@ def run_sweep(spec: SweepSpec, promote: bool = False, console=None, cluster: Clu
     init_ray()  # the cluster this job was submitted to, or a private local instance
     if cluster is None:
         _refuse_misfits(spec, None)
-    grid = build_tuner(spec).fit()
-    return _finish(spec, grid, started, promote, console)
+    return _finish(spec, build_tuner(spec), started, promote, console)
 
 
 def resume_sweep(sweep_dir: str | Path, promote: bool = False, console=None) -> SweepReport:
@@ -55,6 +64,5 @@ def resume_sweep(sweep_dir: str | Path, promote: bool = False, console=None) -> 
     init_ray()
     spec, tuner = restore_tuner(sweep_dir)
     _refuse_misfits(spec, None)
-    grid = tuner.fit()
     first = min((e["time"] for e in read_events(Path(spec.sweep_dir))), default=started)
-    return _finish(spec, grid, min(first, started), promote, console)
+    return _finish(spec, tuner, min(first, started), promote, console)

@@ -53,7 +53,7 @@ def run_trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     trainer = build_trainer(
         ctx.cfg,
-        build_dataset(ctx.encode(tokenizer), tokenizer.pad_token_id),
+        build_dataset(ctx.encode(tokenizer), tokenizer.pad_token_id, ctx.cfg),
         run_name=trial_id,
         val_rows=ctx.rows("validation"),
         labels=ctx.labels,

@@ -10,6 +10,7 @@ from typing import Any
 
 from lorafleet.config import FinetuneConfig
 from lorafleet.sweep.spec import EVENTS_FILE, SPEC_FILE, SweepSpec, example_params, read_spec, trial_config
+from lorafleet.sweep.tracking import trial_tracking
 from lorafleet.sweep.trainable import trainable
 
 __all__ = ["build_tuner", "restore_tuner", "read_events"]
@@ -163,7 +164,8 @@ def build_tuner(spec: SweepSpec):
         run_config=tune.RunConfig(
             name=sweep_dir.name,
             storage_path=str(sweep_dir.parent),
-            callbacks=[_event_logger(str(sweep_dir))],
+            # trial_tracking: each trial as an MLflow/TensorBoard child run of the sweep's (None when off).
+            callbacks=[c for c in (_event_logger(str(sweep_dir)), trial_tracking(spec)) if c is not None],
             verbose=1,
         ),
     )

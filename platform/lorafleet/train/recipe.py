@@ -19,8 +19,9 @@ import ray
 from lorafleet.base_model import load_tokenizer
 from lorafleet.cluster import init_ray, on_run_accelerator
 from lorafleet.config import FinetuneConfig
+from lorafleet.tracking import Tracker, start_run
 from lorafleet.train.clusters import Cluster, running_cluster
-from lorafleet.train.context import ARTIFACT_DIR, RunContext, RunPlace
+from lorafleet.train.context import ARTIFACT_DIR, CONFIG_FILE, RunContext, RunPlace
 from lorafleet.train.dataset import build_dataset
 from lorafleet.train.feature import feature_baseline
 from lorafleet.train.plan import refuse_misfits
@@ -34,7 +35,7 @@ from lorafleet.train.results import (
     score_model_dir,
 )
 from lorafleet.train.worker import build_trainer
-from lorafleet.uri import write_text
+from lorafleet.uri import join, write_text
 
 __all__ = ["finetune"]
 
@@ -46,6 +47,7 @@ def finetune(
     resume_dir: str | Path | None = None,
     progress: bool = True,
     cluster: Cluster | None = None,
+    tracking_parent: Tracker | None = None,
 ) -> RunSummary:
     """Train `cfg` on Ray, score the best checkpoint on the test split, register it.
 
@@ -56,10 +58,25 @@ def finetune(
         progress: show a live progress bar on the driver.
         cluster: the cluster to check the run against before anything starts (`--cluster`, `--gpus`);
             default: the Ray cluster it joins, once Ray is up, where what that can hold is known.
+        tracking_parent: with `cfg.tracking` on, log the run as this run's child (a ladder's rung).
 
     Raises:
         PlanError: the run cannot be placed or cannot fit (lorafleet.train.plan); nothing was started.
+        TrackingError: `cfg.tracking` names an MLflow server that cannot be reached; nothing was trained.
     """
+    trackers: list[Tracker] = []  # the run's tracker, once its name is known (lorafleet.tracking)
+    try:
+        summary = _finetune(cfg, registry_root, resume_dir, progress, cluster, tracking_parent, trackers)
+    except BaseException:
+        for tracker in trackers:
+            tracker.finish(ok=False)
+        raise
+    _track_summary(trackers[0], summary)
+    return summary
+
+
+def _finetune(cfg: FinetuneConfig, registry_root: str | Path, resume_dir: str | Path | None, progress: bool,
+              cluster: Cluster | None, tracking_parent: Tracker | None, trackers: list[Tracker]) -> RunSummary:
     started = time.time()
     refuse_misfits({cfg.name: cfg}, cluster, f"run {cfg.name}")
 
@@ -76,13 +93,17 @@ def finetune(
     if cluster is None:  # the cluster Ray joined: refuse what it can never place or hold, not wait for it
         refuse_misfits({cfg.name: cfg}, running_cluster(), f"run {cfg.name}")
     place.save_config()
+    trackers.append(start_run(cfg.tracking, place.name, parent=tracking_parent, config=cfg.model_dump(mode="json"),
+                              tags={"lorafleet.kind": "run", "lorafleet.task": task.name,
+                                    "lorafleet.method": cfg.method.name, "lorafleet.run_dir": str(place.location)}))
 
     # 3. The feature-based baseline trains no torch weights: embeddings + logistic regression.
     if cfg.method.name == "feature":
         return feature_baseline(ctx, registry_root, started)
 
     # 4. Train on Ray, with a live progress display fed by rank 0.
-    result, history = _fit(ctx, build_dataset(train_encoded, tokenizer.pad_token_id), progress)
+    result, history = _fit(ctx, build_dataset(train_encoded, tokenizer.pad_token_id, cfg), progress,
+                           trackers[0])
 
     # 5. The best checkpoint by validation metric is the artifact; score it on the test split.
     metric = f"val_{task.primary_metric}"
@@ -108,8 +129,9 @@ def finetune(
     return summary
 
 
-def _fit(ctx: RunContext, dataset: ray.data.Dataset, progress: bool) -> tuple[Any, list[dict[str, Any]]]:
-    """Run the TorchTrainer; rank 0's step records feed `history` (and the live bar) meanwhile."""
+def _fit(ctx: RunContext, dataset: ray.data.Dataset, progress: bool,
+         tracker: Tracker) -> tuple[Any, list[dict[str, Any]]]:
+    """Run the TorchTrainer; rank 0's step records feed `history`, the live bar and the tracker meanwhile."""
     from ray.util.queue import Queue
 
     queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
@@ -117,7 +139,7 @@ def _fit(ctx: RunContext, dataset: ray.data.Dataset, progress: bool) -> tuple[An
     stop = threading.Event()
     drainer = threading.Thread(
         target=_drain_progress,
-        args=(queue, ctx.cfg.train.max_steps, stop, history, f"val_{ctx.task.primary_metric}", progress),
+        args=(queue, ctx.cfg.train.max_steps, stop, history, f"val_{ctx.task.primary_metric}", progress, tracker),
         daemon=True,
     )
     drainer.start()
@@ -160,8 +182,10 @@ def _export_artifact(best: Any, place: RunPlace, cfg: FinetuneConfig) -> Path:
         return checkpoint_artifact(Path(d), cfg, root / ARTIFACT_DIR)
 
 
-def _drain_progress(queue, total_steps: int, stop: threading.Event, history: list[dict[str, Any]], metric: str, show: bool):
-    """Collect rank 0's step records into `history`; with `show`, draw a live progress bar."""
+def _drain_progress(queue, total_steps: int, stop: threading.Event, history: list[dict[str, Any]], metric: str, show: bool,
+                    tracker: Tracker):
+    """Collect rank 0's step records into `history` and the tracker (live curves); with `show`, draw a
+    live progress bar."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
@@ -175,9 +199,24 @@ def _drain_progress(queue, total_steps: int, stop: threading.Event, history: lis
             except Exception:
                 continue
             history.append(rec)
+            tracker.log_steps([rec])
             if metric in rec:
                 last_metric = f" {metric}={rec[metric]:.3f}"
             bar.update(t, completed=rec["step"], info=f"loss={rec['loss']:.3f}{last_metric}")
+
+
+def _track_summary(tracker: Tracker, summary: RunSummary) -> None:
+    """A finished run's results on its tracked run: test metrics, sizes, wall time, the registry
+    reference (tag `lorafleet.registered`), the summary and resolved config files; then end it."""
+    results = {f"test_{k}": v for k, v in summary.test_metrics.items()}
+    results |= {"trainable_params": summary.trainable_params, "total_params": summary.total_params,
+                "wall_time_s": summary.wall_time_s, "mean_tokens_per_s": summary.tokens_per_s,
+                "peak_memory_mb": summary.peak_memory_mb, "artifact_bytes": summary.artifact_bytes}
+    tracker.log_metrics(results, step=summary.steps)
+    tracker.set_tags({"lorafleet.registered": summary.registered, "lorafleet.artifact_dir": summary.artifact_dir})
+    tracker.log_files([join(summary.run_dir, "summary.json"), join(summary.run_dir, CONFIG_FILE)])
+    tracker.finish()
+    summary.tracking_run_id = tracker.run_id
 
 
 def _mean(xs: list[float]) -> float:

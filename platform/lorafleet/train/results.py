@@ -52,6 +52,7 @@ class RunSummary(Measures):
     task: str
     worker_nodes: list[str] = field(default_factory=list)  # Ray node id of each rank
     history: list[dict[str, Any]] = field(default_factory=list)
+    tracking_run_id: str | None = None  # its MLflow run, when tracked (not in summary.json)
 
     def as_dict(self) -> dict[str, Any]:
         """The summary as `summary.json` and `--json` print it: every field but the history, run_name
