@@ -39,6 +39,7 @@ __all__ = ["DTYPE_BYTES", "RUNTIME_BYTES", "ModelShape", "Part", "device_bytes",
            "training_parts", "with_sets"]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NF4_BYTES = 0.5625  # bitsandbytes NF4: 4 bits a weight + one fp32 absmax per block of 64 weights
 RUNTIME_BYTES = GiB
 
 
@@ -163,9 +164,12 @@ def training_parts(cfg: FinetuneConfig, shape: ModelShape, on_gpu: bool) -> list
     frozen, trainable = shape.rank_share(ranks)
     share = f" / {ranks} ranks" if ranks > 1 else ""
     off = s.cpu_offload
+    weights = Part("weights", frozen * d + trainable * 4, f"frozen {frozen:,} x {d} B + trainable {trainable:,} x 4 B{share}",
+                   host=off)
+    if m == "lora" and cfg.method.lora.quantize == "nf4":
+        weights = _nf4_weights(shape)
     parts = [
-        Part("weights", frozen * d + trainable * 4, f"frozen {frozen:,} x {d} B + trainable {trainable:,} x 4 B{share}",
-             host=off),
+        weights,
         Part("gradients", trainable * 4, f"trainable x 4 B (fp32){share}", host=off),
         Part("optimizer state", trainable * 8 + shape.trainable_tensors * 4, f"AdamW: trainable x 8 B + 4 B x "
              f"{shape.trainable_tensors} tensors{share}", host=off),
@@ -196,6 +200,17 @@ def training_parts(cfg: FinetuneConfig, shape: ModelShape, on_gpu: bool) -> list
     if on_gpu:
         parts.append(Part("runtime", RUNTIME_BYTES, "CUDA context, cuBLAS and NCCL workspaces"))
     return parts
+
+
+def _nf4_weights(shape: ModelShape) -> Part:
+    """QLoRA's weights (one rank: it trains under DDP): the frozen decoder blocks as NF4 (4 bits a weight plus
+    one fp32 absmax per block of 64: 0.5625 B; their norms too, a rounding error), the rest of the frozen base
+    in fp32 (peft's prepare_model_for_kbit_training upcasts it), the adapter in fp32."""
+    frozen_root = shape.root[0] - shape.root[1]
+    frozen_blocks = (shape.params - shape.root[0]) - (shape.trainable - shape.root[1])
+    return Part("weights", int(frozen_blocks * NF4_BYTES) + frozen_root * 4 + shape.trainable * 4,
+                f"frozen blocks {frozen_blocks:,} x {NF4_BYTES} B (NF4) + frozen rest {frozen_root:,} x 4 B + "
+                f"trainable {shape.trainable:,} x 4 B")
 
 
 def inference_parts(cfg: FinetuneConfig, shape: ModelShape, on_gpu: bool) -> list[Part]:

@@ -67,7 +67,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sharded = cfg.scaling.strategy == "fsdp"
     # FSDP2: built on the meta device and sharded, no rank holds the whole model (train.fsdp); DDP: every
     # rank holds all of it.
-    model = shard_model(cfg, device) if sharded else build_model(cfg, len(labels) if labels else None)
+    model = shard_model(cfg, device) if sharded else build_model(cfg, len(labels) if labels else None, device=device)
     trainable, total = count_params(model)
 
     # Resume: after a worker failure (or --resume) Ray hands every worker the latest registered checkpoint.
