@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import built_base, cli_env, last_json, run_cli
+from helpers import REPO, built_base, cli_env, last_json, run_cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,14 +24,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # busy on average over the training modules, sampled from /proc/stat). Each group below runs whole on
 # one worker, in collection order:
 # * a module is a group, so its module-scoped fixtures (a served stack, a trained ladder) start once;
-# * the modules that share the session's `trained` adapters, and everything that runs `lorafleet
-#   serve`, are one group, "serving": the adapters train once, and one Ray Serve runs at a time (two
-#   at once collide on a machine-wide port, Ray Serve's fallback proxy's 8500: the second `lorafleet
-#   serve` stops before Ray starts, naming it). It is the longest group, so it is queued first.
+# * the modules that share the session's `trained` adapters are one group, "serving": the adapters
+#   train once per worker, so they stay on one. It is the longest group, so it is queued first.
+#   (test_smollm2 serves too, from its own adapter: two local `lorafleet serve` run side by side, each
+#   with its own ports, Ray Serve's fallback proxy included.)
+# * then the longest modules, longest first (durations of a fresh `make test`), so that the short ones
+#   fill the end and neither worker idles while the other finishes a long module.
 # (xdist's own `xdist_group` marks do nothing under pytest 9: xdist 3.8 sets `item._nodeid`, which
 # pytest 9 no longer has. Hence a scheduler whose scope is the group.)
-SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_serving_replicas", "test_serving_s3",
-                 "test_smollm2"}
+SERVING_GROUP = {"test_task_adapters", "test_serving", "test_serving_separate", "test_serving_replicas", "test_serving_s3"}
+LONGEST_FIRST = ["test_smollm2", "test_compare", "test_sweep", "test_predict", "test_fsdp", "test_fault_tolerance", "test_s3",
+                 "test_dtype", "test_user_data", "test_cluster"]
 
 
 def _group(nodeid: str) -> str:
@@ -52,8 +55,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return GroupScheduling(config, log)
 
 
+def _queue_position(item: pytest.Item) -> int:
+    group = _group(item.nodeid)
+    if group == "serving":
+        return 0
+    stem = Path(group).stem
+    return 1 + (LONGEST_FIRST.index(stem) if stem in LONGEST_FIRST else len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: _group(item.nodeid) != "serving")  # stable: the order within a group stays
+    items.sort(key=_queue_position)  # stable: the order within a group stays
 
 
 @pytest.fixture(scope="session")
@@ -90,22 +101,37 @@ TASK_RUNS = {  # task -> (shipped config, registered name, overrides)
 
 @pytest.fixture(scope="session")
 def trained(home):
-    """``trained(task)`` -> (untuned base metrics, `lorafleet train --json` summary), both through
-    the CLI as a user runs them, into the session's registry. Each task trains once per session:
-    the task-adapter acceptance tests and the serving tests share the adapters."""
+    """``trained(task)`` -> (untuned base metrics, `lorafleet train --json` summary), the training
+    through the CLI as a user runs it, into the session's registry; the base scored in-process with
+    the function `lorafleet eval base` calls (a process fewer per task). Each task trains once per
+    session: the task-adapter acceptance tests and the serving tests share the adapters."""
+    from lorafleet.evaluate import evaluate_artifact
+
     cache: dict[str, tuple[dict, dict]] = {}
 
     def get(task: str) -> tuple[dict, dict]:
         if task not in cache:
             config, name, overrides = TASK_RUNS[task]
             e = cli_env(home)
-            base = last_json(run_cli(["eval", "base", "--config", config, "--json", *overrides], e).stdout)["metrics"]
+            dotted = [kv for kv in overrides if kv != "--set"]
+            base = evaluate_artifact("base", config=str(REPO / config), overrides=dotted, home=home)["metrics"]
             summary = last_json(run_cli(["train", config, "--quiet", "--json", "--set", f"name={name}", *overrides],
                                         e, timeout=900).stdout)
             cache[task] = (base, summary)
         return cache[task]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback for the session (per pytest worker), started without
+    waiting; `mlflow_server.uri` to log to, `mlflow_server.client()` (waits for it) to read back."""
+    from helpers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -178,20 +178,24 @@ def test_grad_accum_skips_the_all_reduce_on_micro_steps(base_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_rung_of_the_classification_ladder_in_bf16(home, env, tmp_path):
-    # Every rung runs its bf16 path end to end; a failing rung fails the CLI. The sizes are the least
-    # that does: on a CPU without bf16 kernels (AVX2 only) a bf16 matmul is ~60x an fp32 one, so each
-    # row and step counts (feature extraction reads the whole train split, few-shot prompts are long).
+def test_the_classification_ladder_in_bf16(home, env, tmp_path):
+    # The ladder's rungs run their bf16 paths end to end; a failing rung fails the CLI. head and partial
+    # have their own in-process bf16 tests above, and few_shot is zero_shot's path with longer prompts,
+    # so the ladder runs the other four. The sizes are the least that does: on a CPU without bf16 kernels
+    # (AVX2 only) a bf16 matmul is ~60x an fp32 one, so each row and step counts (feature extraction reads
+    # the whole train split).
     from helpers import last_json, run_cli
 
     proc = run_cli(["compare", "configs/tiny/compare-classification.yaml", "--json",
+                    "--set", "rungs=[zero_shot,feature,lora,full]",
                     "--set", "base.model.dtype=bfloat16", "--set", "base.train.max_steps=10",
                     "--set", "base.train.batch_size=4", "--set", "base.train.eval_every=10",
                     "--set", "base.train.eval_samples=8",
                     "--set", "base.data.synthetic_sizes={train: 48, validation: 8, test: 8}"],
                    env, timeout=900)
     rows = last_json(proc.stdout)
-    assert [r["rung"] for r in rows] == ["zero_shot", "few_shot", "feature", "head", "partial", "lora", "full"]
+    assert [r["rung"] for r in rows] == ["zero_shot", "feature", "lora", "full"]
+    assert all(r["status"] == "ok" for r in rows), rows
 
 
 def test_fsdp_full_step_in_bf16_keeps_fp32_master_weights(base_model, tmp_path):

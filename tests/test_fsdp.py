@@ -3,51 +3,57 @@
 * Through Ray Train: FSDP must train exactly what DDP trains (same data, seed and steps: same losses and
   the same registered weights), for full fine-tuning and for LoRA; its checkpoints are
   `torch.distributed.checkpoint` shards written by both ranks; the registered artifact is exported from
-  them once, in full.
+  them once, in full. The four runs go in-process on the session's Ray (`finetune()`, as jobs/finetune.py
+  calls it); the command line is covered by the other training tests.
+* A sharded run whose worker is killed after a checkpoint resumes from its shards and takes the same
+  steps as the uninterrupted FSDP run above (the same config: that run is its reference).
 * Without Ray (two processes, `torch.multiprocessing`): each rank holds about half of the parameters,
   gradients and optimizer state of SmolLM2-135M, the frozen base of a LoRA run included, and the memory
   planner's figure for them (`lorafleet.train.memory`) is within 2% of those bytes, sharded and not.
 
-Resuming a sharded run after a killed worker or driver is covered in test_fault_tolerance.py.
+Resuming a sharded run after a killed driver is covered in test_fault_tolerance.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import MODELS, free_port, last_json, run_cli
+from helpers import MODELS, free_port, last_json
+from killed_runs import checkpoint_dir, start_cli, train_log, train_workers, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "--set", "scaling.num_workers=2", "--set", "train.max_steps=10",
-    "--set", "train.eval_every=10", "--set", "train.log_every=5", "--set", "train.eval_samples=8",
-    "--set", "train.lr=5e-4", "--set", "data.synthetic_sizes={train: 200, validation: 8, test: 16}",
+CONFIG = "configs/tiny/classification-lora.yaml"
+INTERVAL, MAX_STEPS = 10, 30
+SMALL = [  # a checkpoint every 10 steps, a log line every step (the resume test compares them)
+    "scaling.num_workers=2", "scaling.max_failures=1", f"train.max_steps={MAX_STEPS}",
+    f"train.eval_every={INTERVAL}", "train.log_every=1", "train.eval_samples=8", "train.batch_size=8",
+    "train.lr=5e-4", "data.synthetic_sizes={train: 400, validation: 8, test: 16}",
 ]
 
 
 def _losses(run_dir: str) -> list[float]:
-    return [json.loads(line)["loss"] for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in train_log(Path(run_dir))]
 
 
 @pytest.fixture(scope="module")
-def runs(home, base_model) -> dict[str, dict]:
+def runs(home, ray_local) -> dict[str, dict]:
     """The same short run four ways: (full, lora) x (ddp, fsdp)."""
-    from helpers import cli_env
+    from lorafleet.config import load_config
+    from lorafleet.train.recipe import finetune
 
-    env = cli_env(home)
     out = {}
     for method in ("full", "lora"):
         for strategy in ("ddp", "fsdp"):
-            out[f"{method}-{strategy}"] = last_json(run_cli(
-                ["train", "configs/tiny/classification-lora.yaml", "--quiet", "--json",
-                 "--set", f"name={strategy}-{method}", "--set", f"method.name={method}",
-                 "--set", f"scaling.strategy={strategy}", *SMALL], env, timeout=600).stdout)
+            cfg = load_config(CONFIG, [*SMALL, f"name={strategy}-{method}", f"method.name={method}",
+                                       f"scaling.strategy={strategy}"], home=home)
+            out[f"{method}-{strategy}"] = finetune(cfg, registry_root=home / "registry", progress=False).as_dict()
     return out
 
 
@@ -55,7 +61,7 @@ def test_fsdp_trains_what_ddp_trains_and_checkpoints_shards(runs, base_model):
     from safetensors.torch import load_file
 
     ddp, fsdp = runs["full-ddp"], runs["full-fsdp"]
-    assert fsdp["steps"] == 10 and fsdp["registered"] == "fsdp-full@1" and len(fsdp["worker_nodes"]) == 2
+    assert fsdp["steps"] == MAX_STEPS and fsdp["registered"] == "fsdp-full@1" and len(fsdp["worker_nodes"]) == 2
     assert _losses(fsdp["run_dir"]) == pytest.approx(_losses(ddp["run_dir"]), rel=1e-4)
     assert fsdp["test_metrics"] == pytest.approx(ddp["test_metrics"], abs=1e-9)
 
@@ -99,6 +105,34 @@ def test_fsdp_lora_registers_the_adapter_ddp_trains(runs, base_model):
     base_bytes = (base_model / "model.safetensors").stat().st_size
     print(f"DCP checkpoint of a LoRA run: {written:,} bytes; the frozen base: {base_bytes:,}")
     assert written < base_bytes / 4
+
+
+def test_sharded_run_resumed_after_a_killed_worker_takes_the_same_steps(runs, env, home):
+    # Issue 30: a 2-rank FSDP2 full run checkpoints with DCP (every rank its shards); a worker is killed
+    # after that checkpoint; the restarted run reads its shards, optimizer state, schedule and data
+    # position back, so its next 5 steps have the uninterrupted run's losses (same seed, same data order).
+    want = {r["step"]: r["loss"] for r in train_log(Path(runs["full-fsdp"]["run_dir"]))}
+    # Ray Train's controller polls its workers every 0.25 s (not 2 s): a restart after the kill comes sooner.
+    env = {**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+    run_name = f"sharded-kill-{uuid.uuid4().hex[:6]}"
+    run_dir = home / "runs" / run_name
+    proc = start_cli(["train", CONFIG, "--quiet", "--json", *(a for kv in SMALL for a in ("--set", kv)),
+                      "--set", "method.name=full", "--set", "scaling.strategy=fsdp",
+                      "--set", "name=sharded-kill", "--set", f"run.name={run_name}"], env)
+    registered = wait_for_checkpoint(proc, run_dir, interval=INTERVAL, max_steps=MAX_STEPS, before_next=True)
+    files = sorted(p.name for p in (checkpoint_dir(run_dir, registered) / "shards").iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"], files
+    train_workers(proc)[-1].kill()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert last_json(out)["steps"] == MAX_STEPS
+
+    resumed = [r for r in train_log(run_dir) if r["resumed_from"] is not None]
+    assert resumed, "the run never restarted: was the worker really killed?"
+    start = resumed[0]["resumed_from"]
+    got = {r["step"]: r["loss"] for r in resumed if start < r["step"] <= start + 5}
+    assert sorted(got) == list(range(start + 1, start + 6))
+    assert got == pytest.approx({s: want[s] for s in got}, abs=1e-4)
 
 
 # --- bytes per rank, without Ray ---------------------------------------------------------------------

@@ -142,13 +142,17 @@ def test_chat_template_contract_masks_the_prompt(smollm2):
 # --- end to end: train, then serve with vLLM (slow) -----------------------------------------
 @pytest.fixture(scope="module")
 def smol_run(smollm2, tmp_path_factory) -> dict:
-    """`lorafleet eval base` and a short `lorafleet train` of the shipped classification config, in a
-    home whose models/ holds the imported model."""
+    """The untuned model's metrics and a short `lorafleet train` of the shipped classification config, in
+    a home whose models/ holds the imported model."""
+    from lorafleet.evaluate import evaluate_artifact
+
     home = tmp_path_factory.mktemp("smol-home")
     (home / "models").mkdir()
     (home / "models" / SMOLLM2_NAME).symlink_to(smollm2)
     env = cli_env(home)
-    base = last_json(run_cli(["eval", "base", "--config", CLS_CONFIG, "--json", *SHORT_RUN], env).stdout)["metrics"]
+    # The untuned model, scored in-process by the function `lorafleet eval base` calls (a process fewer).
+    base = evaluate_artifact("base", config=str(REPO / CLS_CONFIG), overrides=[kv for kv in SHORT_RUN if kv != "--set"],
+                             home=home)["metrics"]
     summary = last_json(run_cli(["train", CLS_CONFIG, "--quiet", "--json", "--set", "name=smol-tickets", *SHORT_RUN],
                                 env, timeout=900).stdout)
     return {"home": home, "base_metrics": base, "summary": summary}
