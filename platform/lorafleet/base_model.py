@@ -122,18 +122,36 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def load_model(
-    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, attn_implementation: str | None = None,
+    *, quantize: str = "none", device: torch.device | str | None = None,
 ) -> torch.nn.Module:
-    """Load any causal LM transformers knows, from a hub id or a local folder (safetensors only)."""
+    """Load any causal LM transformers knows, from a hub id or a local folder (safetensors only).
+
+    ``attn_implementation``: transformers' attention ('sdpa', 'eager', 'flash_attention_2'); None: its default.
+    ``quantize``: 'nf4' loads the linear layers of the decoder blocks as bitsandbytes 4-bit NF4 weights
+    (QLoRA's base; the output layer stays unquantized), computing in ``dtype``, onto ``device`` (quantized
+    weights are placed as they load; default the CPU)."""
+    extra: dict = {}
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype))
+        extra["device_map"] = {"": str(device or "cpu")}
+    elif quantize != "none":
+        raise ValueError(f"quantize {quantize!r}: use 'none' or 'nf4'")
     return AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=getattr(torch, dtype),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        **extra,
     )
 
 
-def model_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+def model_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   attn_implementation: str | None = None) -> torch.nn.Module:
     """The model of `name_or_path` built from its config.json alone: parameters on the meta device (no
     memory, no weights read), buffers (e.g. rotary frequencies, computed from the config) real, on the CPU.
     Sharded training builds this on every rank and receives its shards of the weights afterwards."""
@@ -142,7 +160,8 @@ def model_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code:
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+                                                attn_implementation=attn_implementation)
 
 
 # --- the base model's fingerprint (recorded with every registered artifact, checked by serving) ------

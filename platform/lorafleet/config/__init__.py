@@ -30,6 +30,7 @@ from lorafleet.config.finetune import (
     parse_config,
     resolve,
 )
+from lorafleet.config.tracking import MlflowSettings, TensorboardSettings, TrackingConfig
 
 __all__ = [
     "ConfigError",
@@ -56,4 +57,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "resolve",
+    "MlflowSettings",
+    "TensorboardSettings",
+    "TrackingConfig",
 ]

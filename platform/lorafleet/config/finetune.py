@@ -21,6 +21,7 @@ from lorafleet.config.base import (
     problems_error,
     validate,
 )
+from lorafleet.config.tracking import TrackingConfig
 from lorafleet.tasks import GENERATING_TASKS
 
 __all__ = [
@@ -52,6 +53,12 @@ class ModelConfig(Section):
         "float32 autocasts to bf16 on a GPU.",
     )
     trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None,
+        description="transformers' attention for training (attn_implementation); default: the model's own "
+        "(sdpa for Llama). flash_attention_2 needs a GPU and the flash-attn package; with data.packing it "
+        "runs FlashAttention-2's variable-length kernel over the packed rows.",
+    )
 
 
 class TaskConfig(Section):
@@ -124,6 +131,17 @@ class DataConfig(Section):
         "end of the answer may go). A row left with no answer token is an error either way.",
     )
     seed: int = 0
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = Field(
+        "auto",
+        description="Instruction rows' format: 'messages' ({messages: [{role, content}]}), 'sharegpt' "
+        "({conversations: [{from, value}]}), 'alpaca' ({instruction, input, output}), or 'auto' (each row by "
+        "its fields; {instruction, response} too). A row of another shape is an error naming file and line.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack training rows into blocks of max_seq_len tokens (train.batch_size then counts "
+        "blocks); attention and loss stay inside each row. Generative methods (full, partial, lora) only.",
+    )
 
 
 class LoraSettings(Section):
@@ -136,6 +154,11 @@ class LoraSettings(Section):
     )
     use_dora: bool = False
     use_rslora: bool = False
+    quantize: Literal["none", "nf4"] = Field(
+        "none",
+        description="QLoRA: 'nf4' trains the adapter on a 4-bit NF4 base (bitsandbytes); the adapter is served "
+        "on the unquantized base, as usual for QLoRA. Needs scaling.strategy 'ddp'.",
+    )
 
 
 class MethodConfig(Section):
@@ -200,6 +223,10 @@ class FinetuneConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     register_artifact: bool = Field(True, description="Register the best checkpoint when the run finishes.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Also log the run to MLflow and/or TensorBoard (off by default; $MLFLOW_TRACKING_URI turns MLflow on).",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "FinetuneConfig":
@@ -220,11 +247,37 @@ class FinetuneConfig(Section):
             )
         if self.scaling.accelerator_type and not self.scaling.use_gpu:
             problems.append(f"scaling.accelerator_type {self.scaling.accelerator_type!r} needs scaling.use_gpu: true")
+        if self.method.lora.quantize != "none":
+            problems += _qlora_problems(self)
         if self.scaling.cpu_offload and self.scaling.strategy != "fsdp":
             problems.append("scaling.cpu_offload needs scaling.strategy 'fsdp' (it offloads the shards)")
+        if self.data.format != "auto" and self.task.name != "instruction":
+            problems.append(f"data.format {self.data.format!r} is for task 'instruction' (got {self.task.name!r}); "
+                            "leave it 'auto'")
+        if self.data.packing and self.method.name not in ("full", "partial", "lora"):
+            problems.append(f"data.packing packs token sequences for methods 'full', 'partial' and 'lora' (got "
+                            f"{self.method.name!r}, which trains on one label per row); set data.packing: false")
+        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
+            problems.append("model.attn_implementation 'flash_attention_2' needs scaling.use_gpu: true; use 'sdpa' on CPU")
         if problems:
             raise problems_error(problems)
         return self
+
+
+def _qlora_problems(cfg: FinetuneConfig) -> list[str]:
+    """What stands in the way of `method.lora.quantize` (QLoRA) for this config."""
+    import importlib.util
+
+    q, problems = cfg.method.lora.quantize, []
+    if cfg.method.name != "lora":
+        problems.append(f"method.lora.quantize {q!r} quantizes the frozen base of method 'lora' (got {cfg.method.name!r})")
+    if cfg.scaling.strategy == "fsdp":
+        problems.append(f"method.lora.quantize {q!r} needs scaling.strategy 'ddp': FSDP2 does not shard bitsandbytes' "
+                        "4-bit weights; a 4-bit base is a quarter of the bf16 one, so it fits where FSDP would be needed")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"method.lora.quantize {q!r} needs bitsandbytes: pip install 'lorafleet[qlora]' "
+                        "(or pip install --no-deps bitsandbytes==0.50.2)")
+    return problems
 
 
 def resolve(cfg: FinetuneConfig, home: Path) -> FinetuneConfig:
@@ -234,6 +287,8 @@ def resolve(cfg: FinetuneConfig, home: Path) -> FinetuneConfig:
     cfg.run.storage_path = absolute_if_local(expand_home(cfg.run.storage_path, home))
     for split in ("train", "validation", "test"):
         setattr(cfg.data, split, absolute_if_local(expand_home(getattr(cfg.data, split), home)))
+    if cfg.tracking.tensorboard.dir:
+        cfg.tracking.tensorboard.dir = absolute_if_local(expand_home(cfg.tracking.tensorboard.dir, home))
     return cfg
 
 

@@ -15,6 +15,7 @@ from lorafleet.base_model import load_model, model_skeleton
 from lorafleet.config import FinetuneConfig
 from lorafleet.head import HeadClassifier
 from lorafleet.train.methods import apply_method
+from lorafleet.train.packing import model_inputs
 from lorafleet.train.precision import Precision, keep_trainable_fp32
 
 __all__ = ["build_model", "optimizer_steps", "unwrap", "wrap_model"]
@@ -33,12 +34,24 @@ def wrap_model(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
 
 
-def build_model(cfg: FinetuneConfig, num_labels: int | None, *, skeleton: bool = False) -> torch.nn.Module:
+def build_model(cfg: FinetuneConfig, num_labels: int | None, *, skeleton: bool = False,
+                device: torch.device | None = None) -> torch.nn.Module:
     """The model to train: the base in ``model.dtype``, the method applied, trainable weights in fp32.
 
-    ``skeleton``: parameters on the meta device, no weights read (what sharded training shards)."""
-    load = model_skeleton if skeleton else load_model
-    base = load(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    ``skeleton``: parameters on the meta device, no weights read (what sharded training shards).
+    ``device``: where a 4-bit base (QLoRA, ``method.lora.quantize``) is loaded; any other base loads on the
+    CPU and is moved by the caller."""
+    m = cfg.model
+    if skeleton:  # the planner's shapes: a 4-bit base has the same parameters, counted at its own bytes there
+        base = model_skeleton(m.name_or_path, m.dtype, m.trust_remote_code, m.attn_implementation)
+    else:
+        quantize = cfg.method.lora.quantize if cfg.method.name == "lora" else "none"
+        base = load_model(m.name_or_path, m.dtype, m.trust_remote_code, m.attn_implementation,
+                          quantize=quantize, device=device)
+        if quantize != "none":
+            from peft import prepare_model_for_kbit_training  # QLoRA's recipe: norms/embeddings fp32, input grads
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.grad_checkpointing)
     model = apply_method(base, cfg.method, num_labels=num_labels)
     if cfg.train.grad_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
         base.gradient_checkpointing_enable()
@@ -58,6 +71,8 @@ def optimizer_steps(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
     into the next epoch's first step.
     """
     is_head = isinstance(unwrap(model), HeadClassifier)
+    # packed batches keep each row's attention apart in the way the model's attention needs (train.packing)
+    attn = None if is_head else getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
     accum, scaler = cfg.train.grad_accum, precision.scaler
     micro, tokens = 0, 0
     for batch in batches:
@@ -65,17 +80,15 @@ def optimizer_steps(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
         sync = micro % accum == 0
         no_sync = getattr(model, "no_sync", None)
         with (contextlib.nullcontext() if sync or no_sync is None else no_sync()):
-            input_ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
             with precision.autocast():
                 if is_head:
-                    logits = model(input_ids, mask)
+                    logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
                     loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 0].to(device))
                 else:
-                    loss = model(input_ids=input_ids, attention_mask=mask, labels=batch["labels"].to(device)).loss
+                    loss = model(**model_inputs(batch, device, attn)).loss
             scaled = loss / accum
             (scaler.scale(scaled) if scaler else scaled).backward()
-        tokens += int(mask.sum())
+        tokens += int(batch["attention_mask"].sum())  # real tokens (a packed block's padded tail is 0)
         if not sync:
             continue
         if scaler:
