@@ -6,13 +6,18 @@ demo, the benchmarks and the tests.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from typing import Any, Callable, TypeVar
 
 import ray
 
-__all__ = ["LOCAL_TRAIN_POLL_S", "TRAIN_POLL_ENV", "NoAcceleratorError", "free_port", "init_ray", "on_run_accelerator"]
+__all__ = ["LOCAL_TRAIN_POLL_S", "TRAIN_POLL_ENV", "NoAcceleratorError", "free_port", "init_ray", "on_run_accelerator",
+           "start_local_ray"]
+
+logger = logging.getLogger(__name__)
 
 
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -40,8 +45,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         port = free_port()
-        ray.init(
-            address="local",
+        start_local_ray(
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_port=port,
@@ -51,6 +55,35 @@ def init_ray(num_cpus: int | None = None) -> None:
             }},
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def start_local_ray(**init_args: Any) -> None:
+    """``ray.init(address="local", **init_args)``, tried once more if Ray's own start-up gave up.
+
+    Ray waits a fixed 30 s for a new node's raylet to register with its GCS (``ray/_private/node.py``,
+    not configurable) and then raises "The current node timed out during startup". On a 2-core machine
+    busy training or serving, a start has missed that by seconds (the test suite, 2026-12-07). The
+    processes of the failed try are stopped before the second.
+    """
+    import psutil
+
+    for attempt in (1, 2):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", **init_args)
+            return
+        except Exception as err:  # Ray raises a bare Exception for it
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
+            logger.warning("Ray's local start timed out (%s); stopping what it started and trying once more", err)
+            ray.shutdown()
+            for proc in psutil.Process().children(recursive=True):
+                if proc.pid not in before:
+                    try:
+                        proc.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(2)
 
 
 def free_port() -> int:

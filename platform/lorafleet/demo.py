@@ -22,7 +22,7 @@ from rich.console import Console
 from lorafleet.config import load_config, registry_root
 from lorafleet.data import read_split
 from lorafleet.evaluate import evaluate_artifact
-from lorafleet.cluster import free_port, init_ray
+from lorafleet.cluster import free_port, init_ray, start_local_ray
 from lorafleet.train.recipe import finetune
 from lorafleet.report.runs import demo_table
 from lorafleet.tasks import TASK_ROUTES, get_task
@@ -78,10 +78,10 @@ def _serving(rows: list[dict[str, Any]], home: Path) -> Iterator[str]:
     base_model = _served_base(rows, home)
     port = free_port()
     # Serving takes more logical CPUs than training (engine bundle + replica); see docs/SERVING.md.
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       "VLLM_LOGGING_LEVEL": "WARNING"},
-                          "worker_process_setup_hook": SETUP_HOOK})
+    start_local_ray(num_cpus=4, include_dashboard=False,
+                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                              "VLLM_LOGGING_LEVEL": "WARNING"},
+                                 "worker_process_setup_hook": SETUP_HOOK})
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     quiet = {"log_level": "WARNING"}  # Serve's per-request access logs would bury the answers
     try:

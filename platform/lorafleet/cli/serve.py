@@ -166,12 +166,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
+        from lorafleet.cluster import start_local_ray
         from lorafleet.serving._ray_serve import SETUP_HOOK
 
         # Logical CPUs: engine (1) + its replica actor (1) + headroom; the ingress needs none.
         # The setup hook rewrites Ray's haproxy.cfg template in every worker (_ray_serve.py).
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+        start_local_ray(num_cpus=args.num_cpus, include_dashboard=False,
+                        runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     serving, rc = False, 1
     try:
         app = _build(args, settings)
