@@ -62,7 +62,7 @@ def test_job_submit_two_nodes_one_worker_each(two_node_cluster, home):
     # On a loaded machine the head's job agent can come up seconds after `ray start` returns;
     # the dashboard then answers 500 "No available agent ... try again later", before any job
     # is created. Retrying exactly that answer is what Ray asks for; any other failure counts.
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while True:
         job = _ray(submit, env, timeout=900)
         if "No available agent" not in job.stderr or time.monotonic() > deadline:
