@@ -106,7 +106,7 @@ PYTEST = bash -c '$(PY) -m pytest -q $(1) tests; rc=$$?; [ $$rc -eq 5 ] && { ech
 # Everything: unit tests, training, sweeps, the 2-node cluster, serving, on two pytest workers; each
 # module, and the serving modules together, run whole on one worker (tests/conftest.py says why).
 test: models
-	$(call PYTEST,--durations=15 -n 2 --dist loadscope --no-loadscope-reorder)
+	$(call PYTEST,--durations=40 -n 2 --dist loadscope --no-loadscope-reorder)
 
 # The contributor's loop: unit and component tests only, no Ray start, no training, no serving
 # (30-80 s on 2 cores). Tests that start Ray are marked `slow` (pyproject.toml).

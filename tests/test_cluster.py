@@ -34,11 +34,17 @@ def two_node_cluster(home):
     env.pop("RAY_ADDRESS", None)
     # Ray turns token authentication on by default; every CLI call must then say so.
     env.update(RAY_AUTH_MODE="token", PATH=f"{VENV_BIN}:{env['PATH']}", LORAFLEET_HOME=str(home))
+    # Each node's dashboard agent serves HTTP on a fixed port (52365) unless told otherwise. When
+    # another Ray on this machine (the other pytest worker's, a `lorafleet serve`) holds it, the head's
+    # agent starts without HTTP, never registers, and the job API answers "No available agent" for
+    # ever (Ray's dashboard/agent.py): CI failed that way for 300 s. Free ports for both agents.
     head = _ray(["start", "--head", "--num-cpus=1", f"--port={gcs}", f"--dashboard-port={dash}",
-                 "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true"], env)
+                 "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+                 f"--dashboard-agent-listen-port={free_port()}"], env)
     assert head.returncode == 0, head.stderr[-3000:]
     try:
-        worker = _ray(["start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1"], env)
+        worker = _ray(["start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
+                       f"--dashboard-agent-listen-port={free_port()}"], env)
         assert worker.returncode == 0, worker.stderr[-3000:]
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
@@ -62,7 +68,7 @@ def test_job_submit_two_nodes_one_worker_each(two_node_cluster, home):
     # On a loaded machine the head's job agent can come up seconds after `ray start` returns;
     # the dashboard then answers 500 "No available agent ... try again later", before any job
     # is created. Retrying exactly that answer is what Ray asks for; any other failure counts.
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 120
     while True:
         job = _ray(submit, env, timeout=900)
         if "No available agent" not in job.stderr or time.monotonic() > deadline:
