@@ -1,8 +1,10 @@
-"""Failures: a killed training worker resumes from the last checkpoint (Ray Train FailureConfig),
-and a killed driver is continued with `lorafleet train --resume RUN_DIR` (a sharded FSDP run).
+"""Failures: a killed training worker resumes from the last checkpoint (Ray Train FailureConfig), and a
+run folder is reused only with `--resume`.
 
 A sharded run resumed after a killed worker trains on exactly what an uninterrupted run trains on:
-test_fsdp.py, whose uninterrupted FSDP run is the reference. How these tests wait for a registered
+test_fsdp.py, whose uninterrupted FSDP run is the reference. A killed driver continued with
+`lorafleet train --resume RUN_DIR` (a sharded FSDP run, its checkpoints in an object store):
+test_s3.py. How these tests wait for a registered
 checkpoint before killing: killed_runs.py.
 """
 
@@ -14,7 +16,7 @@ import uuid
 
 import pytest
 
-from helpers import LORAFLEET, REPO, last_json, stop_tree
+from helpers import LORAFLEET, REPO
 from killed_runs import start_cli, train_log, train_workers, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -55,27 +57,6 @@ def test_killed_worker_resumes_from_last_checkpoint(env, home):
     reached = max(r["step"] for r in first)
     assert reached - restart_step <= INTERVAL, f"redid {reached - restart_step} steps (> {INTERVAL})"
     assert max(r["step"] for r in resumed) == MAX_STEPS
-
-
-def test_killed_driver_continues_with_resume(env, home):
-    # Sharded full fine-tuning here (the killed-worker test above covers LoRA under DDP): resuming
-    # reads each rank's shards of the weights and optimizer state back (torch.distributed.checkpoint).
-    run_name = f"kill-driver-{uuid.uuid4().hex[:6]}"
-    run_dir = home / "runs" / run_name
-    proc = start_cli(["train", "configs/tiny/classification-lora.yaml", "--quiet",
-                   "--set", f"run.name={run_name}", "--set", "name=kill-driver", *SMALL,
-                   "--set", "method.name=full", "--set", "scaling.strategy=fsdp", "--set", "train.lr=5e-4"], env)
-    registered = wait_for_checkpoint(proc, run_dir, interval=INTERVAL, max_steps=MAX_STEPS)
-    stop_tree(proc, group=True)  # the driver and the local Ray it started, at once
-    assert not (home / "registry" / "kill-driver").exists(), "a half-trained run must not be registered"
-
-    out = subprocess.run([LORAFLEET, "train", "--resume", str(run_dir), "--quiet", "--json"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    summary = last_json(out.stdout)
-    assert summary["steps"] == 60 and summary["registered"] == "kill-driver@1" and summary["method"] == "full"
-    resumed = [r for r in train_log(run_dir) if r["resumed_from"] is not None]
-    assert resumed and resumed[0]["resumed_from"] >= registered
 
 
 def test_reusing_a_run_folder_needs_resume(env, home):

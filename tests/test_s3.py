@@ -208,10 +208,15 @@ def test_adapters_cli_on_an_s3_home(bucket, tmp_path, home):
 
 
 # --- a run on s3: data in, checkpoints and the run's files there, killed driver resumed -------------------
+# The suite's one `lorafleet train --resume` after a killed driver: a sharded FSDP full fine-tune, so the
+# resume reads each rank's shards of the weights and optimizer state back (torch.distributed.checkpoint)
+# from the object store. (A killed *worker* resumes within its run: test_fault_tolerance.py for DDP LoRA,
+# test_fsdp.py for a sharded run.)
 
 INTERVAL, MAX_STEPS = 10, 30
 SMALL = ["--set", f"train.max_steps={MAX_STEPS}", "--set", f"train.eval_every={INTERVAL}", "--set", "train.log_every=1",
-         "--set", "train.batch_size=4", "--set", "train.eval_samples=8", "--set", "scaling.num_workers=2"]
+         "--set", "train.batch_size=4", "--set", "train.eval_samples=8", "--set", "scaling.num_workers=2",
+         "--set", "method.name=full", "--set", "scaling.strategy=fsdp", "--set", "train.lr=5e-4"]
 
 
 def _registered_steps(bucket: str, run: str) -> list[int]:
@@ -267,7 +272,7 @@ def test_train_from_s3_data_into_an_s3_home_and_resume_a_killed_driver(bucket, h
 
     out = run_cli(["train", "--resume", f"{s3_home}/runs/{run_name}", "--home", s3_home, "--quiet", "--json"], env)
     summary = last_json(out.stdout)
-    assert summary["steps"] == MAX_STEPS and summary["registered"] == "s3-tickets@1"
+    assert summary["steps"] == MAX_STEPS and summary["registered"] == "s3-tickets@1" and summary["method"] == "full"
     assert summary["run_dir"] == f"{s3_home}/runs/{run_name}"
     log = [json.loads(line) for line in
            _s3().get_object(Bucket=bucket, Key=f"{run}/train_log.jsonl")["Body"].read().decode().splitlines()]
