@@ -11,7 +11,7 @@
   gradients and optimizer state of SmolLM2-135M, the frozen base of a LoRA run included, and the memory
   planner's figure for them (`lorafleet.train.memory`) is within 2% of those bytes, sharded and not.
 
-Resuming a sharded run after a killed driver is covered in test_fault_tolerance.py.
+Resuming a sharded run after a killed driver (its checkpoints in an object store) is covered in test_s3.py.
 """
 
 from __future__ import annotations

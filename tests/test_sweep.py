@@ -183,6 +183,8 @@ def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, 
                                                      mlflow_server) -> None:
     from tracking_checks import check_sweep_tracked
 
+    from lorafleet.evaluate import evaluate_artifact
+
     ray_tmp = Path(f"/tmp/lfsw-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
     # Both drivers also log the sweep to an MLflow server, named the way a team names theirs (issue 33).
     env = {**env, "RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": mlflow_server.uri}
@@ -239,13 +241,14 @@ def test_sweep_killed_and_resumed_registers_the_best(home: Path, env: dict[str, 
     assert best["val_accuracy"] == max(t["best_val_accuracy"] for t in ranked)
     assert Path(best["checkpoint"], "model", "adapter_model.safetensors").is_file()
 
-    # The registered winner: sweep name in its metadata, live, and `lorafleet eval` agrees exactly.
+    # The registered winner: sweep name in its metadata, live, and evaluating it again agrees exactly.
     ref = results["registered"]
     assert ref == summary["registered"] and results["promoted"]
     shown = json.loads(run_cli(["adapters", "show", "tickets-lora"], env).stdout)
     assert shown["ref"] == ref and "live" in shown["aliases"]
     assert shown["sweep"]["name"] == "tickets-sweep" and shown["sweep"]["trial_id"] == best["trial_id"]
-    evaluated = json.loads(run_cli(["eval", ref, "--json"], env).stdout.strip().splitlines()[-1])
+    # Scored again by the function `lorafleet eval` calls, in-process (the command itself: test_task_adapters).
+    evaluated = evaluate_artifact(ref, home=home)
     for key, value in best["test_metrics"].items():
         assert abs(evaluated["metrics"][key] - value) <= 1e-6, (key, evaluated["metrics"][key], value)
 
