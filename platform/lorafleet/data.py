@@ -19,7 +19,7 @@ from lorafleet.uri import download, is_uri
 if TYPE_CHECKING:
     from lorafleet.config import DataConfig
 
-__all__ = ["DataError", "Example", "read_split", "read_data_split", "prompt_ids", "target_ids", "chat_ids", "encode_rows", "IGNORE_INDEX"]
+__all__ = ["DataError", "Example", "iter_source", "read_split", "read_data_split", "prompt_ids", "target_ids", "chat_ids", "encode_rows", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (the prompt tokens)
 
@@ -36,42 +36,73 @@ class Example:
     where: str  # "data/train.jsonl:17", "synthetic:train:3", "hf:imdb:train row 5"
 
 
-def _iter_file(path: Path, shown: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Rows of a local file, each with "<shown>:<line>" (``shown``: the name to report, e.g. the
-    s3:// URI a downloaded file came from; default the path)."""
+Item = tuple[str, "dict[str, Any] | None", "str | None"]  # (where, the row or None, the line's problem or None)
+
+
+def iter_source(source: str, split: str, *, missing: str = "data file not found") -> Iterator[Item]:
+    """The rows of a data file (local, or an s3:// / gs:// object, downloaded first and named by its
+    URI) or of an `hf:` source, in order: ``(where, row, None)``, or ``(where, None, problem)`` for a line
+    that is not a row (not JSON, not an object, more CSV cells than columns). The caller decides what a
+    bad line does: `read_split` stops there (a run must not train on part of its data), batch inference
+    skips it (`lorafleet.predict.rows`).
+
+    Raises:
+        DataError: the source cannot be read at all (``missing``: the message's start when it does not
+            exist; an unsupported file type).
+    """
+    if source.startswith("hf:"):
+        yield from _iter_hub(source, split)
+        return
+    if is_uri(source):
+        try:
+            local = download(source)
+        except FileNotFoundError:
+            raise DataError(f"{missing}: {source}") from None
+        try:
+            yield from list(_iter_file(local, source))  # read whole before the download goes
+        finally:
+            shutil.rmtree(local.parent, ignore_errors=True)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{missing}: {path}")
+    yield from _iter_file(path, str(path))
+
+
+def _iter_file(path: Path, name: str) -> Iterator[Item]:
+    """Rows of a local file, each named "<name>:<line>" (``name``: what to report, e.g. the s3:// URI a
+    downloaded file came from)."""
     suffix = path.suffix.lower()
-    name = shown or str(path)
     if suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                where = f"{name}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{name}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield f"{name}:{lineno}", obj
+                    yield where, None, f"not valid JSON ({err.msg})"
+                    continue
+                yield (where, obj, None) if isinstance(obj, dict) else \
+                    (where, None, f"expected a JSON object, got {type(obj).__name__}")
     elif suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            for i, obj in enumerate(reader):
-                # line numbers count the header; a row with extra cells has a None key
-                lineno = reader.line_num
-                if None in obj:
-                    raise DataError(f"{name}:{lineno}: more cells than the header has columns")
-                yield f"{name}:{lineno}", obj
+            for obj in reader:
+                where = f"{name}:{reader.line_num}"  # line numbers count the header
+                # a row with extra cells has a None key
+                yield (where, None, "more cells than the header has columns") if None in obj else (where, obj, None)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         for i, obj in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{name}:row {i + 1}", obj
+            yield f"{name}:row {i + 1}", obj, None
     else:
         raise DataError(f"{name}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
 
 
-def _iter_hub(spec: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _iter_hub(spec: str, split: str) -> Iterator[Item]:
     import datasets
 
     _, _, rest = spec.partition(":")
@@ -82,7 +113,7 @@ def _iter_hub(spec: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     else:  # a hub id, or a local folder of data files (parquet, csv, json) that load_dataset reads
         ds = datasets.load_dataset(dataset_id, split=hub_split or split)
     for i, obj in enumerate(ds):
-        yield f"{spec} row {i + 1}", dict(obj)
+        yield f"{spec} row {i + 1}", dict(obj), None
 
 
 def read_split(
@@ -110,29 +141,15 @@ def read_split(
         raise ValueError(f"data format {data_format!r} is for task 'instruction', not {task.name!r}")
     if source == "synthetic":
         rows = task.synthetic(split, synthetic_n, seed=seed)
-        items: Iterator[tuple[str, dict[str, Any]]] = (
-            (f"synthetic:{task.name}:{split}:{i}", r) for i, r in enumerate(rows)
-        )
-    elif source.startswith("hf:"):
-        items = _iter_hub(source, split)
-    elif is_uri(source):
-        try:
-            local = download(source)
-        except FileNotFoundError:
-            raise DataError(f"{split} data file not found: {source}") from None
-        try:
-            items = iter(list(_iter_file(local, shown=source)))
-        finally:
-            shutil.rmtree(local.parent, ignore_errors=True)
+        items: Iterator[Item] = ((f"synthetic:{task.name}:{split}:{i}", r, None) for i, r in enumerate(rows))
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"{split} data file not found: {path}")
-        items = _iter_file(path)
+        items = iter_source(source, split, missing=f"{split} data file not found")
 
     mapping = fields or {}
     out = []
-    for where, raw in items:
+    for where, raw, bad_line in items:
+        if bad_line:
+            raise DataError(f"{where}: {bad_line}")
         row = dict(raw)
         for field, column in mapping.items():
             if column in raw:
