@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -67,9 +66,6 @@ def last_json(stdout: str) -> dict:
         raise AssertionError(f"the last line of a --json command is not JSON: {last[:300]!r}") from None
 
 
-_handed_out: set[int] = set()
-
-
 def write_serve_config(path: Path, port: int, **args) -> Path:
     """A one-application `lorafleet serve` config at ``path`` (serve.app:build_app on 127.0.0.1:``port``,
     no access log) with ``args`` as the builder's arguments."""
@@ -86,21 +82,11 @@ def write_serve_config(path: Path, port: int, **args) -> Path:
 
 
 def free_port(low: int = 20000, high: int = 29999) -> int:
-    """A port that is free now and stays so until the server binds it: clear of Ray's worker ports
-    (10002-19999), Serve's direct-ingress ports (30000+) and the kernel's ephemeral range (32768+),
-    where Ray's own sockets and outgoing connections land; never the same one twice per session."""
-    for _ in range(200):
-        port = random.randint(low, high)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port in {low}-{high}")
+    """A port that is free now and stays so until the server binds it (`lorafleet.cluster.free_port`:
+    outside the ranges where Ray's sockets and outgoing connections land); never the same one twice."""
+    from lorafleet.cluster import free_port as pick
+
+    return pick(low, high)
 
 
 def kill_all(procs: Iterable[psutil.Process]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 from typing import Any, Callable, TypeVar
@@ -49,39 +50,45 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        port = free_port()
-        start_local_ray(
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_port=port,
-            runtime_env={"env_vars": {
+        def dashboard() -> dict[str, Any]:  # a new port for each try: see start_local_ray
+            port = free_port()
+            return {"dashboard_port": port, "runtime_env": {"env_vars": {
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                 TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S),
                 PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0"),
-            }},
-        )
+            }}}
+
+        start_local_ray(dashboard, num_cpus=num_cpus, include_dashboard=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def start_local_ray(**init_args: Any) -> None:
+# The start-up failures a second try gets past: Ray's fixed 30-s wait for the raylet, and a port that was
+# free when picked and taken before Ray bound it.
+_RETRIED = ("timed out during startup", "address already in use")
+
+
+def start_local_ray(ports: Callable[[], dict[str, Any]] | None = None, **init_args: Any) -> None:
     """``ray.init(address="local", **init_args)``, tried once more if Ray's own start-up gave up.
 
     Ray waits a fixed 30 s for a new node's raylet to register with its GCS (``ray/_private/node.py``,
     not configurable) and then raises "The current node timed out during startup". On a 2-core machine
-    busy training or serving, a start has missed that by seconds (the test suite, 2026-12-07). The
-    processes of the failed try are stopped before the second.
+    busy training or serving, a start has missed that by seconds (the test suite, 2026-12-07). And a
+    port picked free can be taken before Ray binds it: the dashboard then fails with "address already
+    in use" (seen once in the suite, 2026-12-07). The processes of the failed try are stopped before the
+    second; ``ports``, when given, is called before each try for the arguments that name ports, so the
+    second try asks for new ones.
     """
     import psutil
 
     for attempt in (1, 2):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
-            ray.init(address="local", **init_args)
+            ray.init(address="local", **init_args, **(ports() if ports else {}))
             return
-        except Exception as err:  # Ray raises a bare Exception for it
-            if attempt == 2 or "timed out during startup" not in str(err):
+        except Exception as err:  # Ray raises a bare Exception for both
+            if attempt == 2 or not any(text in str(err) for text in _RETRIED):
                 raise
-            logger.warning("Ray's local start timed out (%s); stopping what it started and trying once more", err)
+            logger.warning("Ray's local start failed (%s); stopping what it started and trying once more", err)
             ray.shutdown()
             for proc in psutil.Process().children(recursive=True):
                 if proc.pid not in before:
@@ -92,11 +99,27 @@ def start_local_ray(**init_args: Any) -> None:
             time.sleep(2)
 
 
-def free_port() -> int:
-    """A loopback TCP port the kernel says is free now (it may be taken again before use)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def free_port(low: int = 20000, high: int = 29999) -> int:
+    """A loopback TCP port that is free now, clear of where other sockets land meanwhile: Ray's worker
+    ports (10002-19999), Serve's direct-ingress ports (30000+) and the kernel's ephemeral range (32768+),
+    where Ray's own listening sockets and every outgoing connection get theirs (a port the kernel hands
+    out as free is one an outgoing connection can take before the server binds it). Never the same one
+    twice in a process."""
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 T = TypeVar("T")
