@@ -6,9 +6,13 @@
   of the registered artifact reproduces the registered metric.
 * summarization, translation and qa: the shipped configs with fewer steps (to keep the suite
   short) still beat the untuned base model on each task's own metric, on the same test split.
+  Summarization trains sharded (FSDP2 LoRA, validation by generation on the sharded model); the
+  serving tests serve that adapter.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -37,5 +41,7 @@ def test_generative_task_adapter_beats_base(task, trained):
     base, summary = trained(task)
     assert summary["registered"] == f"{task}-accept@1"
     assert summary["trainable_params"] < 0.05 * summary["total_params"]
+    if task == "summarization":  # trained sharded (conftest.TASK_RUNS): FSDP2 LoRA, generative validation
+        assert "strategy: fsdp" in (Path(summary["run_dir"]) / "lorafleet-config.yaml").read_text()
     # Same test split (same seed and size) for both; the margin keeps noise from passing as a win.
     assert summary["test_metrics"][metric] > base[metric] + 0.05, (summary["test_metrics"], base)

@@ -113,8 +113,20 @@ def evaluate_and_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optim
 
 
 def _score(model: torch.nn.Module, val: Validation) -> dict[str, float]:
-    with val.precision.autocast():  # as in training: partial's fp32 blocks take bf16 activations
-        scores = evaluate_rows(model, val.tokenizer, val.task, val.rows, val.labels) if val.rows else {}
+    # A sharded model's root (the peft wrapper) holds the embeddings, the final norm and the head itself;
+    # its hooks gather them only when the root is called. Generation calls the inner model (peft's and
+    # transformers' generate), past those hooks, and met the still-sharded embedding ("got mixed
+    # torch.Tensor and DTensor"): gather the root's own parameters for the evaluation. Each decoder
+    # block still gathers and frees itself.
+    sharded = is_sharded(model)
+    if sharded:
+        model.unshard()
+    try:
+        with val.precision.autocast():  # as in training: partial's fp32 blocks take bf16 activations
+            scores = evaluate_rows(model, val.tokenizer, val.task, val.rows, val.labels) if val.rows else {}
+    finally:
+        if sharded:
+            model.reshard()
     model.train()
     return {f"val_{k}": v for k, v in scores.items()}
 
