@@ -3,7 +3,7 @@
 moto's server (a dev dependency) runs in its own process on 127.0.0.1; boto3, pyarrow and Ray Train
 reach it through AWS_ENDPOINT_URL, as they would reach MinIO or AWS. Nothing is mocked: every call
 is an HTTP request to that server. The serving half (adapters loaded from an s3 registry, promoted
-while serving) is tests/test_serving_s3.py.
+while serving) is in tests/test_serving_replicas.py.
 """
 
 from __future__ import annotations

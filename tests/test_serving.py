@@ -38,6 +38,7 @@ pytest.importorskip("vllm")
 
 API_KEY = "test-key-123"
 MAX_NEW = 12
+MAX_LORAS = 4  # the stack's max_loras: adapters one replica (Serve's LRU) and its engine hold at once
 SCHEMATHESIS_EXAMPLES = 30  # fuzzed requests per operation, after the coverage phase (see its test)
 TEXTS = [
     "my package has not arrived",
@@ -52,7 +53,7 @@ def _write_serve_config(serve_home: Path, port: int, ingress: str, **settings) -
         serve_home / "serve.yaml", port, **{
             "model_id": "tiny", "base_model": "${home}/models/tiny",
             "tasks": {"classification": "tickets-lora", "summarization": "notes-lora"},
-            "max_loras": 4, "max_tokens": 64, "api_keys": [API_KEY], "ingress": ingress, **settings})
+            "max_loras": MAX_LORAS, "max_tokens": 64, "api_keys": [API_KEY], "ingress": ingress, **settings})
 
 
 def _wait_ready(proc: subprocess.Popen, log: Path, port: int, started: float) -> list:
@@ -602,6 +603,36 @@ def test_bad_input_catalogue_is_4xx_json_and_health_stays_up(stack):
     with _client(stack) as c:
         out = _complete(c, "tickets-lora", stack["prompts"][0])
     assert out["model"] == "tiny:tickets-lora@1" and out["choices"][0]["token_ids"]
+
+
+def test_lru_under_traffic_max_loras_plus_two_adapters_each_answer_from_its_own(stack, reference):
+    """Issue 32: max_loras + 2 adapters (the two trained ones and four random ones) asked round-robin by
+    concurrent clients, so Serve's per-replica LRU and vLLM's LoRA slots evict and reload while requests
+    run: every answer equals transformers+peft greedy for the adapter it names, token for token."""
+    from lorafleet.serving.testing import make_lora_adapter, reference_greedy
+
+    reg, eos, prompts = stack["registry"], stack["tok"].eos_token_id, stack["prompts"]
+    want = {name: reference[name] for name in stack["adapters"]}
+    for k in range(MAX_LORAS + 2 - len(want)):
+        src = make_lora_adapter(stack["base"], stack["work"] / f"lru-{k}", seed=21 + k)
+        entry = reg.register(f"lru-{k}", src, {"task": "classification", "method": "lora",
+                                              "labels": ["billing", "technical", "account", "shipping"]})
+        want[f"lru-{k}"] = reference_greedy(stack["base"], entry.path, prompts, MAX_NEW)
+    names = list(want)
+    assert len(names) == MAX_LORAS + 2 and len({str(v) for v in want.values()}) == len(names)  # all differ
+    # Round-robin, 6 clients at once: each wave asks for every adapter, so at most 4 fit at a time.
+    jobs = [(names[k % len(names)], k % len(prompts)) for k in range(4 * len(names))]
+
+    def run(job):
+        name, i = job
+        with _client(stack) as c:
+            return _complete(c, name, prompts[i])
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(run, jobs))
+    for (name, i), body in zip(jobs, results):
+        assert body["model"] == f"tiny:{name}@1", body["model"]
+        assert _ids(body, eos) == want[name][i], (name, i)
 
 
 def test_dora_and_foreign_base_adapters_are_refused(stack):

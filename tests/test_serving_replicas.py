@@ -11,6 +11,14 @@
   at once: their requests are cancelled, not left to run out.
 * A replica killed under load (issue 20): the streams it was serving end with an error event, the
   requests sent meanwhile get JSON answers, and Serve's replacement answers again.
+
+The registry this server reads is an object store (`registry: s3://...`, issue 21): moto's S3 server
+on loopback (tests/helpers.py `moto_s3`), which the replicas reach through AWS_ENDPOINT_URL like any
+S3-compatible store. Each replica copies a version out of the bucket into its private cache and checks
+the sha256 sums on the copy before vLLM reads it, as it does from a folder registry: an s3 adapter
+answers token for token as its files do through transformers+peft, a version promoted in the bucket
+while serving is what the name answers, and a tampered object is refused. (Until 2026-12-07 these
+three ran on a server of their own, tests/test_serving_s3.py: one server start more for the suite.)
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,8 +35,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import moto_s3
 from lorafleet.serving.copies import CACHE_PREFIX
-from test_serving import _client, _complete, serving_stack, stream_to_end
+from test_serving import MAX_NEW, _client, _complete, _ids, serving_stack, stream_to_end
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +53,14 @@ HOLD_PROMPTS = 64  # prompts per slot-holding request in the overload test (limi
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, trained, home, base_model):
-    yield from serving_stack("separate", tmp_path_factory, trained, home, base_model, num_replicas=2,
-                             max_tokens=LONG, limits={"max_in_flight": MAX_IN_FLIGHT})
+    import boto3
+
+    with moto_s3():
+        bucket = f"serve-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield from serving_stack("separate", tmp_path_factory, trained, home, base_model, num_replicas=2,
+                                 max_tokens=LONG, limits={"max_in_flight": MAX_IN_FLIGHT},
+                                 registry=f"s3://{bucket}/registry")
 
 
 def _engine_replicas(stack) -> list[psutil.Process]:
@@ -84,6 +100,61 @@ def test_requests_for_an_adapter_go_to_the_replica_that_holds_it(stack):
     held = _held(replicas)
     print(f"adapters per replica: {held}")
     assert set().union(*held.values()) == {"tickets-lora@1", "notes-lora@1"}
+
+
+# --- served from the S3 registry ------------------------------------------------------------------
+
+
+def test_an_adapter_in_the_s3_registry_answers_as_its_files_do(stack):
+    from lorafleet.serving.testing import reference_greedy
+
+    entry = stack["adapters"]["tickets-lora"]
+    assert str(entry.path).startswith("s3://")
+    prompt = stack["prompts"][0]
+    want = reference_greedy(stack["base"], stack["registry"].local_path(entry), [prompt], MAX_NEW)[0]
+    with _client(stack) as c:
+        body = _complete(c, "tickets-lora", prompt)
+        by_task = c.post("/v1/classify", json={"text": "my card was charged twice"})
+    assert body["model"] == "tiny:tickets-lora@1" and _ids(body, stack["tok"].eos_token_id) == want
+    assert by_task.status_code == 200 and by_task.json()["adapter"] == "tickets-lora@1", by_task.text
+
+
+def test_a_version_promoted_in_s3_while_serving_is_what_the_name_answers(stack):
+    from lorafleet.serving.testing import make_lora_adapter, reference_greedy
+
+    reg = stack["registry"]
+    prompt = stack["prompts"][1]
+    eos = stack["tok"].eos_token_id
+    v2 = reg.register("tickets-lora", make_lora_adapter(stack["base"], stack["work"] / "s3-v2", seed=21),
+                      {"task": "classification", "method": "lora", "labels": ["billing", "technical"]})
+    want = reference_greedy(stack["base"], reg.local_path(v2), [prompt], MAX_NEW)[0]
+    with _client(stack) as c:
+        assert _complete(c, "tickets-lora", prompt)["model"] == "tiny:tickets-lora@1"  # not live yet
+        reg.promote("tickets-lora", "2")
+        deadline = time.time() + 30
+        while (body := _complete(c, "tickets-lora", prompt))["model"] != "tiny:tickets-lora@2":
+            assert time.time() < deadline, "the promotion was not seen within 30 s"
+            time.sleep(0.5)
+    assert _ids(body, eos) == want
+    reg.promote("tickets-lora", "1")  # the tests below use version 1
+
+
+def test_a_tampered_object_in_s3_is_not_served(stack):
+    import boto3
+
+    from lorafleet.serving.testing import make_lora_adapter
+
+    reg = stack["registry"]
+    entry = reg.register("tampered-lora", make_lora_adapter(stack["base"], stack["work"] / "s3-bad", seed=5),
+                         {"task": "classification", "method": "lora", "labels": []})
+    bucket, _, key = str(entry.path)[len("s3://"):].partition("/")
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"{key}/adapter_model.safetensors", Body=b"not the weights")
+    with _client(stack) as c:
+        r = c.post("/v1/completions", json={"model": "tampered-lora", "prompt": [5, 6], "max_tokens": 2})
+    assert r.status_code == 409 and "sha256" in r.json()["error"]["message"], r.text
+
+
+# --- overload and a killed replica ---------------------------------------------------------------
 
 
 def _overload_trial(stack, clients: list) -> tuple[list, list, float]:
