@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,12 +30,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grad_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -94,8 +87,10 @@ def main() -> None:
     ap.add_argument("--model", default=str(home / "models" / "smollm2-135m-instruct"))
     ap.add_argument("--method", default="full", choices=["full", "lora"])
     args = ap.parse_args()
+    from lorafleet.cluster import free_port  # the project's port picker (outside the ephemeral range)
+
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(2, _free_port(), args.model, args.method, out), nprocs=2)
+        mp.spawn(_rank, args=(2, free_port(), args.model, args.method, out), nprocs=2)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
     print(f"{Path(args.model).name}, {args.method}, 2 ranks, after micro-step 1 of 2 (bytes of gradients a rank holds)")
     print(f"{'mode':36} {'rank':>4} {'sharded grads':>15} {'unsharded grads':>16} {'total':>15}")
