@@ -1,7 +1,8 @@
 """model.dtype other than float32, on CPU: mixed precision, the head rung, scoring, gradient accumulation.
 
-No Ray here (but the slow ladder run): the tests call a worker's per-step pieces directly
-(steps.build_model, steps.optimizer_steps), the way train.train_loop_per_worker does.
+No Ray here (but one slow bf16 LoRA run on the session's Ray): the tests call a worker's per-step pieces
+directly (steps.build_model, steps.optimizer_steps), the way train.train_loop_per_worker does, and each
+ladder rung's bf16 path is covered (full, partial, head, zero_shot, feature here; lora end to end).
 """
 
 from __future__ import annotations
@@ -177,25 +178,40 @@ def test_grad_accum_skips_the_all_reduce_on_micro_steps(base_model, tmp_path):
     assert synced == [False, False]  # micro-steps 1 and 3 accumulate locally; 2 and 4 all-reduce
 
 
-@pytest.mark.slow
-def test_the_classification_ladder_in_bf16(home, env, tmp_path):
-    # The ladder's rungs run their bf16 paths end to end; a failing rung fails the CLI. head and partial
-    # have their own in-process bf16 tests above, and few_shot is zero_shot's path with longer prompts,
-    # so the ladder runs the other four. The sizes are the least that does: on a CPU without bf16 kernels
-    # (AVX2 only) a bf16 matmul is ~60x an fp32 one, so each row and step counts (feature extraction reads
-    # the whole train split).
-    from helpers import last_json, run_cli
+def test_zero_shot_and_feature_rungs_in_bf16(base_model, tmp_path):
+    # The ladder's two rungs that train no torch weights, on their bf16 paths: zero_shot scores the base
+    # loaded in bf16 (evaluate_artifact's path), feature fits on bf16 features (the Ray task's function,
+    # called directly). few_shot is zero_shot's path with longer prompts.
+    from lorafleet.data import read_split
+    from lorafleet.train.feature import _fit_features
 
-    proc = run_cli(["compare", "configs/tiny/compare-classification.yaml", "--json",
-                    "--set", "rungs=[zero_shot,feature,lora,full]",
-                    "--set", "base.model.dtype=bfloat16", "--set", "base.train.max_steps=10",
-                    "--set", "base.train.batch_size=4", "--set", "base.train.eval_every=10",
-                    "--set", "base.train.eval_samples=8",
-                    "--set", "base.data.synthetic_sizes={train: 48, validation: 8, test: 8}"],
-                   env, timeout=900)
-    rows = last_json(proc.stdout)
-    assert [r["rung"] for r in rows] == ["zero_shot", "feature", "lora", "full"]
-    assert all(r["status"] == "ok" for r in rows), rows
+    rows, task = _read(8), get_task("classification")
+    model, tok, _ = load_for_eval(None, str(base_model), "bfloat16")
+    assert 0.0 <= evaluate_rows(model, tok, task, rows, LABELS)["accuracy"] <= 1.0
+    cfg = _cfg(base_model, tmp_path, method="feature")
+    cfg.task.name = "classification"
+    train = [ex.row for ex in read_split("synthetic", task, "train", synthetic_n=24, seed=0)]
+    metrics, trainable, total, files, measured = _fit_features(cfg.model_dump(mode="json"), train, rows, LABELS)
+    assert set(metrics) == {"accuracy", "macro_f1"} and trainable > 0 and total > trainable
+    assert {"feature.safetensors", "feature.json"} <= set(files) and measured["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_lora_run_in_bf16_end_to_end(home, ray_local):
+    # One Ray Train run on the bf16 path end to end (autocast steps, validation, checkpoint, the adapter
+    # scored in bf16, registered), in-process on the session's Ray. It replaces a 4-rung bf16 ladder through
+    # the CLI (137 s of the suite's time in a fresh `make test`, 2026-12-07): full, partial and head have
+    # their own in-process bf16 tests above, and zero_shot and feature the one before this. Sizes are the
+    # least that does: on a CPU without bf16 kernels (AVX2 only) a bf16 matmul is ~60x an fp32 one.
+    from lorafleet.train.recipe import finetune
+
+    raw = {"name": "bf16-tickets", "model": {"name_or_path": str(home / "models" / "tiny"), "dtype": "bfloat16"},
+           "task": {"name": "classification"}, "method": {"name": "lora"},
+           "train": {"max_steps": 10, "batch_size": 4, "eval_every": 10, "eval_samples": 8},
+           "data": {"synthetic_sizes": {"train": 48, "validation": 8, "test": 8}}, "scaling": {"num_workers": 1}}
+    summary = finetune(parse_config(raw, "test", home=home), registry_root=home / "registry", progress=False)
+    assert summary.registered == "bf16-tickets@1" and summary.steps == 10
+    assert set(summary.test_metrics) == {"accuracy", "macro_f1"}
 
 
 def test_fsdp_full_step_in_bf16_keeps_fp32_master_weights(base_model, tmp_path):
