@@ -5,7 +5,8 @@
   clearly above the untuned base model, with under 5% of the parameters trainable; `lorafleet eval`
   of the registered artifact reproduces the registered metric.
 * summarization, translation and qa: the shipped configs with fewer steps (to keep the suite
-  short) still beat the untuned base model on each task's own metric, on the same test split.
+  short; translation and qa on one worker with the two workers' batch) still beat the untuned base
+  model on each task's own metric, on the same test split.
   Summarization trains sharded (FSDP2 LoRA, validation by generation on the sharded model); the
   serving tests serve that adapter.
 """
