@@ -147,8 +147,8 @@ def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
 # --- slow: a real sweep, killed and resumed ---------------------------------------------------------
 
 # Grid: 2 ranks x 2 learning rates, 4 trials (enough for ASHA and the resume; the table and plot
-# have their own fast test above). At lr 2.5e-3 (batch 32) the task leaves chance by step 60-90
-# (docs/SWEEPS.md); at 1e-4 it is still near chance at the rung (step 90), so whichever slow
+# have their own fast test above). At lr 2.5e-3 the task leaves chance by step 60-90 (docs/SWEEPS.md;
+# batch 16, half the rows and step time of batch 32: 0.59 and 0.78 at the rung, 2026-12-07); at 1e-4 it is still near chance at the rung (step 90), so whichever slow
 # trial reaches the rung after a learning one is stopped (reduction_factor 3: below the 67th
 # percentile). Trials start in grid order, 2 at a time: the two lr 2.5e-3 trials first, so the
 # two slow ones meet the rung after the resume, through the replayed rungs.
@@ -158,7 +158,7 @@ SMALL = [
     "--set", "scheduler.grace_period=90", "--set", "scheduler.reduction_factor=3",
     "--set", "overrides.train.max_steps=120", "--set", "overrides.train.eval_every=30",
     "--set", "overrides.train.log_every=10", "--set", "overrides.train.eval_samples=32",
-    "--set", "overrides.train.warmup_steps=5", "--set", "overrides.train.batch_size=32",
+    "--set", "overrides.train.warmup_steps=5", "--set", "overrides.train.batch_size=16",
     "--set", "overrides.data.synthetic_sizes={train: 800, validation: 32, test: 64}",
 ]
 MAX_STEPS, EVAL_EVERY = 120, 30
