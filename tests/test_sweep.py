@@ -148,10 +148,11 @@ def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
 
 # Grid: 2 ranks x 2 learning rates, 4 trials (enough for ASHA and the resume; the table and plot
 # have their own fast test above). At lr 2.5e-3 the task leaves chance by step 60-90 (docs/SWEEPS.md;
-# batch 16, half the rows and step time of batch 32: 0.59 and 0.78 at the rung, 2026-12-07); at 1e-4 it is still near chance at the rung (step 90), so whichever slow
-# trial reaches the rung after a learning one is stopped (reduction_factor 3: below the 67th
-# percentile). Trials start in grid order, 2 at a time: the two lr 2.5e-3 trials first, so the
-# two slow ones meet the rung after the resume, through the replayed rungs.
+# batch 16, half the rows and step time of batch 32: 0.59 and 0.78 at the rung, 2026-12-07); at 1e-4
+# it is still near chance at the rung (step 90), so whichever slow trial reaches the rung after a
+# learning one is stopped (reduction_factor 3: below the 67th percentile). Trials start in grid
+# order, 2 at a time: the two lr 2.5e-3 trials first, so the two slow ones meet the rung after the
+# resume, through the replayed rungs.
 SMALL = [
     "--set", "search.algorithm=grid", "--set", "search.num_samples=1", "--set", "search.max_concurrent_trials=2",
     "--set", "space.method.lora.r={choice: [4, 8]}", "--set", "space.train.lr={grid: [2.5e-3, 1.0e-4]}",
