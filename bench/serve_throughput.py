@@ -240,7 +240,7 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
     """Burst and sustained tokens/s for both mixes, serving CPU per request, optional latency probes."""
     import httpx
 
-    n, base = len(prompts), args.model_id
+    n, base = len(prompts), args.model
     mixes = {"base": [base] * n, "spread": [names[i % 4] for i in range(n)]}
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     out: dict = {"burst": {"base": [], "spread": []}, "sustained": {"base": [], "spread": []},
@@ -285,7 +285,7 @@ async def _measure(url: str, root: int, prompts: list[list[int]], names: list[st
 def _vllm_server(work: Path, base: Path, entries, args, env: dict[str, str]) -> dict:
     port = args.port + 1
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-           "--served-model-name", args.model_id, "--enable-lora", "--max-loras", str(ENGINE["max_loras"]),
+           "--served-model-name", args.model, "--enable-lora", "--max-loras", str(ENGINE["max_loras"]),
            "--max-lora-rank", str(ENGINE["max_lora_rank"]), "--max-model-len", str(ENGINE["max_model_len"]),
            "--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--host", "127.0.0.1",
            "--port", str(port),
@@ -305,7 +305,7 @@ def _endpoint(work: Path, home: Path, base: Path, args, env: dict[str, str], ing
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())  # as shipped, but:
     app = config["applications"][0]
     app["args"]["max_tokens"] = max(app["args"].get("max_tokens", 256), args.tokens)
-    app["args"]["model_id"], app["args"]["base_model"] = args.model_id, f"${{home}}/models/{base.name}"
+    app["args"]["model_id"], app["args"]["base_model"] = args.model, f"${{home}}/models/{base.name}"
     if ingress:
         app["args"]["ingress"] = ingress
     if args.access_log:
@@ -341,7 +341,8 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                        help="the base model: the tiny local one or SmolLM2-135M-Instruct (`make models`)")
+                        help="the base model: the tiny local one or SmolLM2-135M-Instruct (`make models`); "
+                             "also the name both servers serve it under")
     parser.add_argument("--requests", type=int, default=32, help="concurrency (requests in flight)")
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
@@ -381,7 +382,6 @@ def main() -> None:
     src = Path(os.environ.get("LORAFLEET_HOME", REPO / ".lorafleet")) / "models" / folder
     if not (src / "config.json").is_file():
         raise SystemExit(f"no base model at {src}: `make models` builds the tiny one and imports SmolLM2")
-    args.model_id = args.model  # what clients call the base model, on both servers
     shutil.copytree(src, home / "models" / folder)
     base = home / "models" / folder
     reg = Registry(home / "registry")
