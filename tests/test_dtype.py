@@ -8,6 +8,7 @@ ladder rung's bf16 path is covered (full, partial, head, zero_shot, feature here
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,7 @@ def test_lora_run_in_bf16_end_to_end(home, ray_local):
     summary = finetune(parse_config(raw, "test", home=home), registry_root=home / "registry", progress=False)
     assert summary.registered == "bf16-tickets@1" and summary.steps == 10
     assert set(summary.test_metrics) == {"accuracy", "macro_f1"}
+    assert "dtype: bfloat16" in (Path(summary.run_dir) / "lorafleet-config.yaml").read_text()  # what workers read
 
 
 def test_fsdp_full_step_in_bf16_keeps_fp32_master_weights(base_model, tmp_path):
