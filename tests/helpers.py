@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 __all__ = [
-    "LORAFLEET", "MLFLOW_SERVER", "MODELS", "REPO", "VENV_BIN", "MlflowServer", "built_base", "cli_env", "free_port",
+    "HFEngine", "LORAFLEET", "MLFLOW_SERVER", "MODELS", "REPO", "VENV_BIN", "MlflowServer", "built_base", "cli_env", "free_port",
     "kill_all", "last_json", "mlflow_children", "moto_s3", "processes_mentioning", "run_cli", "stop_tree",
 ]
 
@@ -215,3 +215,37 @@ def mlflow_children(client, parent_id: str) -> dict[str, object]:
     exp = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=100)
     return {r.info.run_name: r for r in runs}
+
+
+class HFEngine:
+    """``vllm.LLM.generate``'s shape over transformers(+peft), fp32: greedy token ids, or the next-token
+    log-probs of the requested ids. Records every request, so the test sees how many were sent.
+    An engine that is transformers itself: a test of what is sent and how answers are read back, without
+    starting vLLM (the slow tests run the real engine)."""
+
+    def __init__(self, base, adapters):
+        from lorafleet.evaluate import load_for_eval
+
+        self.models = {None: load_for_eval(None, str(base))[0]}
+        self.models.update({name: load_for_eval(path, str(base))[0] for name, path in adapters.items()})
+        self.requests = []
+
+    def generate(self, prompts, params, lora_request, use_tqdm):
+        import torch
+        from types import SimpleNamespace as NS
+
+        outs = []
+        for prompt, p, lora in zip(prompts, params, lora_request):
+            self.requests.append((tuple(prompt["prompt_token_ids"]), p.max_tokens, lora and lora.lora_name))
+            model = self.models[lora and lora.lora_name]
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            with torch.no_grad():
+                if p.logprob_token_ids:
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+                    outs.append(NS(outputs=[NS(token_ids=[], logprobs=[
+                        {t: NS(logprob=float(logp[t])) for t in p.logprob_token_ids}])]))
+                else:
+                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=p.max_tokens, pad_token_id=0)
+                    outs.append(NS(outputs=[NS(token_ids=gen[0, ids.shape[1]:].tolist(), logprobs=None)]))
+        return outs

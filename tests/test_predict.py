@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LORAFLEET, REPO, cli_env, last_json, run_cli, stop_tree
+from helpers import LORAFLEET, REPO, HFEngine, cli_env, last_json, run_cli, stop_tree
 
 
 def _tasks():
@@ -119,38 +119,6 @@ def test_unknown_adapter_is_refused_before_ray_starts(tmp_path, base_model, caps
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
 
-class _HFEngine:
-    """``vllm.LLM.generate``'s shape over transformers(+peft), fp32: greedy token ids, or the next-token
-    log-probs of the requested ids. Records every request, so the test sees how many were sent."""
-
-    def __init__(self, base, adapters):
-        from lorafleet.evaluate import load_for_eval
-
-        self.models = {None: load_for_eval(None, str(base))[0]}
-        self.models.update({name: load_for_eval(path, str(base))[0] for name, path in adapters.items()})
-        self.requests = []
-
-    def generate(self, prompts, params, lora_request, use_tqdm):
-        import torch
-        from types import SimpleNamespace as NS
-
-        outs = []
-        for prompt, p, lora in zip(prompts, params, lora_request):
-            self.requests.append((tuple(prompt["prompt_token_ids"]), p.max_tokens, lora and lora.lora_name))
-            model = self.models[lora and lora.lora_name]
-            ids = torch.tensor([prompt["prompt_token_ids"]])
-            with torch.no_grad():
-                if p.logprob_token_ids:
-                    logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
-                    outs.append(NS(outputs=[NS(token_ids=[], logprobs=[
-                        {t: NS(logprob=float(logp[t])) for t in p.logprob_token_ids}])]))
-                else:
-                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                         max_new_tokens=p.max_tokens, pad_token_id=0)
-                    outs.append(NS(outputs=[NS(token_ids=gen[0, ids.shape[1]:].tolist(), logprobs=None)]))
-        return outs
-
-
 def test_label_scores_share_prefixes_and_equal_label_probs(tmp_path, base_model):
     """The replica's request plan and answer assembly, on an engine that is transformers+peft itself."""
     from lorafleet.base_model import load_tokenizer
@@ -163,7 +131,7 @@ def test_label_scores_share_prefixes_and_equal_label_probs(tmp_path, base_model)
     from types import SimpleNamespace as NS
 
     adapter = make_lora_adapter(base_model, tmp_path / "tickets", seed=3)
-    engine = _HFEngine(base_model, {"tickets@1": adapter})
+    engine = HFEngine(base_model, {"tickets@1": adapter})
     tok = load_tokenizer(str(base_model))
     classify, summarize = get_task("classification"), get_task("summarization")
     columns = [Column("tickets", "tickets@1", classify, 8, 8), Column("base", "base", summarize, 3)]

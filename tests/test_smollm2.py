@@ -168,6 +168,72 @@ def test_lora_beats_untuned_smollm2_on_classification(smol_run):
     assert acc >= 0.9 and acc > base["accuracy"] + 0.1, (summary["test_metrics"], base)
 
 
+@needs_smollm2
+@pytest.mark.slow
+def test_offline_engine_equals_transformers_peft_for_predict_and_eval(smol_run):
+    """Issue 31's acceptance on SmolLM2 with its trained adapter, one offline vLLM engine (`open_engine`, as
+    `eval.engine: vllm` opens it): predict's block answer (base and adapter columns mixed in one generate
+    call) and the eval engine's `EngineModel` give transformers+peft's greedy tokens, and label
+    probabilities within 1e-4 of `evaluate.label_probs`."""
+    from peft import PeftModel
+
+    from lorafleet.base_model import load_model, load_tokenizer
+    from lorafleet.config import TaskConfig
+    from lorafleet.data import prompt_ids
+    from lorafleet.evaluate import generate, label_probs
+    from lorafleet.offline_engine import open_engine
+    from lorafleet.predict.columns import Column
+    from lorafleet.predict.replica import answer_block
+    from lorafleet.registry import Registry
+    from lorafleet.tasks import get_task
+    from lorafleet.serving.testing import reference_greedy
+
+    home = smol_run["home"]
+    base = str(home / "models" / SMOLLM2_NAME)
+    registry = Registry(home / "registry")
+    entry = registry.resolve("smol-tickets")
+    adapter = registry.local_path(entry)
+    tok = load_tokenizer(base)
+    classify = get_task(TaskConfig(name="classification", labels=list(entry.meta.labels)))
+    summarize, n = get_task("summarization"), 12  # greedy answers of several tokens from both models
+    rows = [{"text": t} for t in TICKETS]
+    cls_prompts = [prompt_ids(tok, classify.instruction(r)) for r in rows]
+    gen_prompts = [prompt_ids(tok, summarize.instruction(r)) for r in rows]
+    peft = PeftModel.from_pretrained(load_model(base, "float32"), str(adapter)).eval()
+    with peft.disable_adapter():
+        want_probs = {"base": label_probs(peft, tok, cls_prompts, list(classify.labels))}
+    want_probs["adapter"] = label_probs(peft, tok, cls_prompts, list(classify.labels))
+    want_ids = {"base": reference_greedy(base, None, gen_prompts, n), "adapter": reference_greedy(base, adapter, gen_prompts, n)}
+    assert want_ids["base"] != want_ids["adapter"]
+
+    engine = open_engine(base, adapter, max_model_len=512)
+    try:
+        # predict: four columns, base and adapter, classification and generation, in one engine call.
+        columns = [Column("cls-base", "base", classify, n), Column("cls-adapter", entry.ref, classify, n, 8),
+                   Column("gen-base", "base", summarize, n), Column("gen-adapter", entry.ref, summarize, n, 8)]
+        loras = {"cls-adapter": engine.lora, "gen-adapter": engine.lora}
+        out, bad = answer_block(engine.llm, tok, columns, loras, 512,
+                                [{"where": f"t.jsonl:{i + 1}", "row": r} for i, r in enumerate(rows)])
+        assert bad == [] and len(out) == len(rows)
+        for i, row in enumerate(out):
+            for kind in ("base", "adapter"):
+                scores = [row[f"cls-{kind}"]["scores"][lab] for lab in classify.labels]
+                assert max(abs(a - b) for a, b in zip(scores, want_probs[kind][i].tolist())) < 1e-4, (kind, i)
+                assert row[f"gen-{kind}"]["summary"] == tok.decode(want_ids[kind][i], skip_special_tokens=True).strip()
+        # eval.engine: vllm: the scoring functions on the engine, with the adapter and without.
+        diffs = {}
+        for kind, model in (("adapter", engine), ("base", engine.with_adapter(None))):
+            got = model.generate_ids(gen_prompts, n)
+            assert [[t for t in ids if t != tok.eos_token_id] for ids in got] == want_ids[kind], kind
+            diffs[kind] = (label_probs(model, tok, cls_prompts, list(classify.labels)) - want_probs[kind]).abs().max().item()
+            assert diffs[kind] < 1e-4, kind
+            assert generate(model, tok, gen_prompts, n) == [tok.decode(x, skip_special_tokens=True).strip()
+                                                            for x in want_ids[kind]]
+    finally:
+        engine.close()
+    print(f"eval engine vs transformers+peft, largest label probability difference: {diffs}")
+
+
 @pytest.fixture(scope="module")
 def smol_served(smol_run) -> Iterator[dict]:
     """`lorafleet serve` of the trained adapter over SmolLM2 (vLLM CPU, fp32, colocated ingress)."""

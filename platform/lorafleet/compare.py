@@ -123,28 +123,29 @@ def _prompt_task(cfg_json: dict[str, Any], k: int, test_rows: list[dict], train_
 
     import torch
 
-    from lorafleet.evaluate import load_for_eval
-    from lorafleet.train.methods import count_params
+    from lorafleet.base_model import model_skeleton
     from lorafleet.config.prompts import PromptTemplate
+    from lorafleet.evaluate import open_for_eval
     from lorafleet.prompts import score_prompt
+    from lorafleet.train.methods import count_params
 
     cfg = FinetuneConfig.model_validate(cfg_json)
     task = get_task(cfg.task)  # the run's labels and instruction line, not the synthetic defaults
     started = time.perf_counter()
-    model, tokenizer, _ = load_for_eval(None, cfg.model.name_or_path, cfg.model.dtype)
-    if cfg.scaling.use_gpu and torch.cuda.is_available():
-        model = model.to("cuda")
-        torch.cuda.reset_peak_memory_stats()
-    template = PromptTemplate(name=f"{k}-shot", k=k)
-    score = score_prompt(model, tokenizer, task, test_rows, template=template, train_rows=train_rows,
-                         labels=labels, max_len=cfg.data.max_seq_len, seed=cfg.data.seed)
+    with open_for_eval(None, cfg) as (model, tokenizer, _):  # eval.engine: transformers or vLLM
+        if cfg.scaling.use_gpu and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        template = PromptTemplate(name=f"{k}-shot", k=k)
+        score = score_prompt(model, tokenizer, task, test_rows, template=template, train_rows=train_rows,
+                             labels=labels, max_len=cfg.data.max_seq_len, seed=cfg.data.seed)
     wall = time.perf_counter() - started  # model load + scoring: the whole cost of answering by prompt
     if cfg.scaling.use_gpu and torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {"metrics": score.metrics, "wall": wall, "peak_mb": peak, "tokens_per_s": score.tokens_per_s,
-            "total_params": count_params(model)[1], "shots": score.shots_used_mean,
+            "total_params": count_params(model_skeleton(cfg.model.name_or_path, cfg.model.dtype))[1],
+            "shots": score.shots_used_mean,
             "prompt_tokens": score.prompt_tokens_mean}
 
 

