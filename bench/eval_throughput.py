@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# vLLM logs to stdout by default; this bench's stdout is its one JSON object (replicas inherit this too).
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 sys.path.insert(0, str(REPO / "bench"))
 from classify_latency import _cpu_name  # noqa: E402
 

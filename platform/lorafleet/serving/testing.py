@@ -14,7 +14,7 @@ import torch
 from lorafleet.base_model import load_model, load_tokenizer
 from lorafleet.evaluate import generate
 
-__all__ = ["make_lora_adapter", "register_random_adapter", "reference_greedy"]
+__all__ = ["greedy_ids", "make_lora_adapter", "register_random_adapter", "reference_greedy"]
 
 
 def make_lora_adapter(base: str | Path, out: str | Path, *, seed: int, r: int = 8) -> Path:
@@ -63,8 +63,12 @@ def reference_greedy(base: str | Path, adapter: str | Path | None, prompts: list
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+    return greedy_ids(model, load_tokenizer(str(base)), prompts, max_new_tokens)
+
+
+def greedy_ids(model: torch.nn.Module, tok: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """`reference_greedy` on a model already loaded (e.g. a PeftModel, or one under ``disable_adapter()``)."""
     model.eval()
-    tok = load_tokenizer(str(base))
     out: list[list[int]] = []
     with torch.no_grad():
         for ids in prompts:
