@@ -51,6 +51,8 @@ def llm_config_from(settings: ServeSettings):
     """
     from ray.serve.llm import LLMConfig
 
+    from lorafleet.serving._ray_llm import NoNodeDownload
+
     cpu = settings.accelerator == "cpu"
     mode = settings.engine_kwargs.get("logprobs_mode", "raw_logprobs")
     if mode != "raw_logprobs":  # /v1/classify sums log_softmax(logits): anything else changes its scores
@@ -82,6 +84,7 @@ def llm_config_from(settings: ServeSettings):
         experimental_configs={REGISTRY_ROOT_KEY: str(settings.registry_root())},
         log_engine_metrics=settings.engine_metrics and not colocated,
         runtime_env={"env_vars": env},
+        callback_config={"callback_class": NoNodeDownload},  # the model is local: nothing to download
         **({"accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 1}]}}
            if cpu else {}),
     )
