@@ -22,11 +22,17 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch  # stdlib: set environment variables for a block, restored after
 
-__all__ = ["EngineModel", "EngineRequests", "VLLM_RANKS", "label_requests", "label_logprob_sums", "open_engine",
+__all__ = ["CPU_ENGINE_KWARGS", "EngineModel", "EngineRequests", "VLLM_RANKS", "label_requests", "label_logprob_sums", "open_engine",
            "vllm_lora_rank"]
 
 # vLLM's allowed max_lora_rank values (vllm.config.lora.MaxLoRARanks in vLLM 0.32).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+# On CPU: eager (no graph capture to amortize), and KV blocks of 32 tokens instead of vLLM's CPU default of
+# 128. Only full blocks are shared by vLLM's prefix cache, so with 128-token blocks a ~100-token prompt is
+# computed again by every label-prefix request of its row; serving's engines use 32 for the same reason.
+CPU_ENGINE_KWARGS: dict[str, Any] = {"enforce_eager": True, "block_size": 32}
 
 
 def vllm_lora_rank(rank: int | None) -> int:
@@ -148,7 +154,8 @@ def open_engine(model_dir: str, adapter: str | Path | None = None, *, dtype: str
     the LoRA adapter folder ``adapter`` when given (it can answer without it too: ``with_adapter(None)``).
 
     The context is ``max_model_len`` capped at the model's own (``max_position_embeddings``). On CPU the
-    engine runs eager with ``kv_cache_gib`` of KV cache (VLLM_CPU_KVCACHE_SPACE), as serving's do."""
+    engine runs with ``CPU_ENGINE_KWARGS`` and ``kv_cache_gib`` of KV cache (VLLM_CPU_KVCACHE_SPACE), as
+    serving's do."""
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
@@ -168,7 +175,7 @@ def open_engine(model_dir: str, adapter: str | Path | None = None, *, dtype: str
         rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r")
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(rank if isinstance(rank, int) else None))
     if not use_gpu:
-        kwargs["enforce_eager"] = True
+        kwargs.update(CPU_ENGINE_KWARGS)
     with patch.dict(os.environ, env):  # read while the engine is built; the caller's environment stays as it was
         llm = LLM(**kwargs)
     lora = LoRARequest("eval", 1, str(adapter)) if adapter is not None else None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.config.predict import PredictSettings
+from lorafleet.offline_engine import CPU_ENGINE_KWARGS
 from lorafleet.predict.columns import Plan, lora_rank_for, plan_columns
 from lorafleet.predict.output import open_output, written_blocks
 from lorafleet.predict.replica import EngineJob, PredictReplica
@@ -121,11 +122,16 @@ def _engine_env(settings: PredictSettings, gpu: bool) -> dict[str, str]:
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if not gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+        # The engine in the replica's own process. Otherwise vLLM on CPU starts two more per replica (its
+        # engine core, and a worker: CPU forces the multiprocessing executor), each importing vLLM and
+        # torch again; a replica answers one block at a time, so nothing overlaps with them anyway.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
 def _engine_kwargs(plan: Plan, settings: PredictSettings, gpu: bool) -> dict[str, Any]:
-    """vLLM's engine arguments: serving's (LoRA slots for every column's adapter, fp32, eager on CPU)."""
+    """vLLM's engine arguments: serving's (LoRA slots for every column's adapter, fp32, eager and 32-token
+    KV blocks on CPU)."""
     n_adapters = sum(1 for c in plan.columns if c.ref != "base")
     # One device per replica: vLLM's in-process executor ("uni", as ray.data.llm picks for one bundle) spares
     # the worker process (and its imports) that the default executor starts on CPU.
@@ -134,7 +140,7 @@ def _engine_kwargs(plan: Plan, settings: PredictSettings, gpu: bool) -> dict[str
     if n_adapters:
         kwargs.update(enable_lora=True, max_loras=n_adapters, max_lora_rank=lora_rank_for(plan.columns))
     if not gpu:
-        kwargs["enforce_eager"] = True
+        kwargs.update(CPU_ENGINE_KWARGS)  # eager, and KV blocks small enough for label prompts to be shared
     return kwargs
 
 

@@ -51,6 +51,7 @@ def llm_config_from(settings: ServeSettings):
     """
     from ray.serve.llm import LLMConfig
 
+    from lorafleet.offline_engine import CPU_ENGINE_KWARGS
     from lorafleet.serving._ray_llm import NoNodeDownload
 
     cpu = settings.accelerator == "cpu"
@@ -67,8 +68,8 @@ def llm_config_from(settings: ServeSettings):
         **({"max_cpu_loras": settings.max_cpu_loras} if settings.max_cpu_loras else {}),
         # vLLM's CPU default KV block is 128 tokens and only full blocks are shared by its prefix cache:
         # /v1/classify's label sequences share their prompt (label_scores.py) only with small blocks.
-        # 32 is the smallest this CPU attention backend accepts.
-        **({"enforce_eager": True, "block_size": 32} if cpu else {}),
+        # 32 is the smallest this CPU attention backend accepts. (The offline engines use the same.)
+        **(CPU_ENGINE_KWARGS if cpu else {}),
         **settings.engine_kwargs,
     }
     colocated = settings.ingress_mode() == "colocated"
