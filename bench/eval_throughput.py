@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--rows", type=int, default=64, help="test rows per task for hf vs vllm")
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated; empty: predict vs offline only")
     ap.add_argument("--predict-task", default="summarization")
     ap.add_argument("--predict-rows", type=int, default=512, help="0: skip predict vs offline vLLM")
     args = ap.parse_args()
@@ -141,7 +141,7 @@ def main() -> None:
         (home / "models").mkdir()
         (home / "models" / base.name).symlink_to(base)
         base = home / "models" / base.name
-        refs = {task: _register(home, base, task, seed=i + 1) for i, task in enumerate(args.tasks.split(","))}
+        refs = {task: _register(home, base, task, seed=i + 1) for i, task in enumerate(t for t in args.tasks.split(",") if t)}
         tasks = {}
         for task, ref in refs.items():
             hf, vllm = _score(home, ref, "hf", args.rows), _score(home, ref, "vllm", args.rows)

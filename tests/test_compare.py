@@ -3,7 +3,7 @@
 The end-to-end test runs the shipped classification ladder the way a user submits it, at smoke size
 (60 steps, 1 worker, small synthetic splits), and asserts on what the run wrote. Running the whole
 ladder twice costs too much for the suite, so determinism is checked by re-running two rungs
-(zero_shot and lora) in a second job and comparing their metrics exactly; docs/COMPARE.md records
+(zero_shot and lora) in a second ladder and comparing their metrics exactly; docs/COMPARE.md records
 two full-size runs with the same ranking.
 """
 
@@ -209,18 +209,23 @@ def test_prompt_lab_on_the_ladder_adapter_reproduces_its_metric(ladder_run, home
 
 
 @pytest.mark.slow
-def test_ladder_rungs_are_deterministic(ladder_run, tmp_path, mlflow_server):
-    """Same seeds, same data, same metric: a second job re-runs zero_shot and lora. Between them a rung
-    that fails (partial, asked for more blocks than the model has) is reported as failed, with its reason,
-    ranked last, and the ladder goes on (issue 30). This job also logs to an MLflow server and TensorBoard
-    (issue 33): what they hold is checked at the end (test_tracking.check_ladder_tracked)."""
+def test_ladder_rungs_are_deterministic(ladder_run, tmp_path, mlflow_server, home, ray_local):
+    """Same seeds, same data, same metric: a second ladder re-runs zero_shot and lora (`run_ladder`, what
+    the job runs, here in-process on the session's Ray: the job's own start-up is the first run's).
+    Between them a rung that fails (partial, asked for more blocks than the model has) is reported as
+    failed, with its reason, ranked last, and the ladder goes on (issue 30). This ladder also logs to an
+    MLflow server and TensorBoard (issue 33): what they hold is checked at the end
+    (test_tracking.check_ladder_tracked)."""
     from tracking_checks import check_ladder_tracked
 
-    rows, _, env = ladder_run
+    from lorafleet.compare import run_ladder
+
+    rows, _, _ = ladder_run
     tracking = [f"base.tracking.mlflow.tracking_uri={mlflow_server.uri}", "base.tracking.mlflow.experiment=ladders",
                 f"base.tracking.tensorboard.dir={tmp_path / 'tb'}"]
-    again = _run_job(tmp_path / "again", env, ["rungs=[zero_shot,partial,lora]",
-                                               "overrides.partial={method.partial_layers: 99}", *tracking])
+    ladder = load_compare_config(CLS, [*SMOKE, "rungs=[zero_shot,partial,lora]",
+                                       "overrides.partial={method.partial_layers: 99}", *tracking], home)
+    again = [r.as_dict() for r in run_ladder(ladder, tmp_path / "again")[0]]
     first = {r["rung"]: r for r in rows}
     failed = [r for r in again if r["status"] == "failed"]
     assert [r["rung"] for r in failed] == ["partial"] and failed[0]["rank"] == 3, again
