@@ -218,7 +218,9 @@ class EvalConfig(Section):
         "winner, `lorafleet eval`, the prompt lab and the ladder's prompt rungs. 'hf': the transformers model "
         "(this process, or the run's GPU task); 'vllm': an offline vLLM engine, the same answers in batched "
         "steps. Validation during training scores the model being trained, with transformers, either way. "
-        "Default 'hf': faster on a 2-core CPU for the splits measured (docs/PREDICT.md, 'Evaluation on vLLM')")
+        "Default 'hf': on 2 CPU cores 'vllm' was 1.4-1.8x faster for SmolLM2's generative tasks (64 rows, engine "
+        "start included) but 0.8x for classification, and the tiny model's splits are too small to repay the "
+        "engine's start (bench/RESULTS.md); set 'vllm' for generative tasks on a real model")
     max_model_len: int = Field(2048, ge=32, description="vllm: the engine's context (prompt + answer tokens), "
                                "capped at the model's own; a longer row is an error that names it.")
     kv_cache_gib: int = Field(1, ge=1, description="vllm on CPU: the engine's KV cache (VLLM_CPU_KVCACHE_SPACE).")
