@@ -156,6 +156,9 @@ def open_engine(model_dir: str, adapter: str | Path | None = None, *, dtype: str
     The context is ``max_model_len`` capped at the model's own (``max_position_embeddings``). On CPU the
     engine runs with ``CPU_ENGINE_KWARGS`` and ``kv_cache_gib`` of KV cache (VLLM_CPU_KVCACHE_SPACE), as
     serving's do."""
+    # vLLM logs to stdout unless told otherwise (read when vLLM is first imported): the metrics a command
+    # prints there (`lorafleet eval`) must stay parseable.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
