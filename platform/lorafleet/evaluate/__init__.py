@@ -98,22 +98,23 @@ def open_for_eval(artifact: str | Path | None, cfg: Any) -> Iterator[tuple[Any, 
 
 
 def _load_for_eval(artifact: str | Path | None, base: str, dtype: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    if artifact is None:
+    kind = artifact_kind(artifact)
+    if kind == "base":
         return load_model(base, dtype), load_tokenizer(base), {"kind": "base"}
     artifact = Path(artifact)
-    if (artifact / "adapter_config.json").exists():
+    if kind == "lora":
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(load_model(base, dtype), artifact)
         return model, load_tokenizer(base), {"kind": "lora"}
-    if (artifact / "head.json").exists():
+    if kind == "head":
         from safetensors.torch import load_file
 
         info = json.loads((artifact / "head.json").read_text())
         model = HeadClassifier(load_model(base, dtype), len(info["labels"]))
         model.head.load_state_dict(load_file(artifact / "head.safetensors"))
         return model, load_tokenizer(base), {"kind": "head", **info}
-    if (artifact / "feature.json").exists():
+    if kind == "feature":
         info = json.loads((artifact / "feature.json").read_text())
         return load_model(base, dtype), load_tokenizer(base), {"kind": "feature", **info}
     return load_model(str(artifact), dtype), load_tokenizer(str(artifact)), {"kind": "full"}
